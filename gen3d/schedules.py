@@ -8,7 +8,8 @@ A schedule value in a config is one of:
 - ``[s0, v0, s1, v1, s2, v2, ...]`` (6 or more, even length): piecewise linear through the
   points (s_i, v_i), constant outside them.
 
-A float ``end`` (e.g. ``0.5``) is read as a fraction of the run's total steps, an int as a step.
+A float step position in [0, 1] (``0.5``, ``1.0``) is a fraction of the run's total steps, so
+presets keep their shape when ``max_steps`` is overridden; an int (``500``) is a step.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ Schedule = Union[float, int, Sequence[float]]
 
 
 def _step(s: float, max_steps: int) -> float:
-    return s * max_steps if isinstance(s, float) and 0.0 <= s <= 1.0 and not float(s).is_integer() else float(s)
+    return s * max_steps if isinstance(s, float) and 0.0 <= s <= 1.0 else float(s)
 
 
 def _interp(step: float, s0: float, v0: float, s1: float, v1: float) -> float:

@@ -1,0 +1,206 @@
+"""The `gen3d` command.
+
+    gen3d run dreamgaussian prompt="a red mug"        # a preset by name, or configs/x.yaml
+    gen3d run @last --resume                          # continue the newest run
+    gen3d export @last --format ply                   # standard 3DGS PLY (also glb, obj, mesh-ply, video)
+    gen3d configs                                     # list the presets
+    gen3d run dreamgaussian --show-config             # every key, its value and what it does
+
+A user error prints one line starting with ``error:`` and exits with status 2; Ctrl-C during a
+run saves a checkpoint and exits with status 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from importlib import resources
+from pathlib import Path
+
+from gen3d.errors import ConfigError, Gen3dError
+
+EPILOG = "Run `gen3d <verb> --help` for a verb's options. Docs: README.md."
+
+
+def preset_dir() -> Path:
+    """Where the YAML presets live (repo checkout or installed package)."""
+    return Path(str(resources.files("gen3d.configs")))
+
+
+def list_presets() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(preset_dir().glob("*.yaml"))}
+
+
+def resolve_config_path(ref: str) -> Path:
+    path = Path(ref)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file '{ref}' does not exist; presets: {', '.join(list_presets())}")
+        return path
+    presets = list_presets()
+    if ref in presets:
+        return presets[ref]
+    import difflib
+
+    close = difflib.get_close_matches(ref, list(presets), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(f"'{ref}' is neither a config file nor a preset{hint} (presets: {', '.join(presets)})")
+
+
+def load_run_config(ref: str, overrides: list[str]):
+    """Preset/YAML + overrides -> (System class, typed config)."""
+    from gen3d.config import apply_overrides, from_dict, read_yaml
+    from gen3d.systems import get_system
+
+    data = read_yaml(resolve_config_path(ref) if not (Path(ref) / "config.yaml").is_file() else Path(ref) / "config.yaml")
+    system_cls = get_system(str(_system_name(data, overrides, ref)))
+    data = apply_overrides(system_cls.Config, data, overrides)
+    return system_cls, from_dict(system_cls.Config, data)
+
+
+def _system_name(data: dict, overrides: list[str], ref: str) -> str:
+    for text in overrides:
+        if text.startswith("system="):
+            return text.split("=", 1)[1]
+    if "system" not in data:
+        raise ConfigError(f"config '{ref}' does not say which system to run; add a line `system: dreamgaussian`")
+    return data["system"]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from gen3d.config import describe
+    from gen3d.runs import new_run_dir, resolve_run
+    from gen3d.systems.base import Interrupted, write_config
+
+    output_dir = _output_dir(args.overrides)
+    if args.config.startswith("@") or args.resume:
+        if args.resume:
+            run_dir = resolve_run(args.config, output_dir)
+            system_cls, cfg = load_run_config(str(run_dir), args.overrides)
+        else:  # a new run with an earlier run's config
+            system_cls, cfg = load_run_config(str(resolve_run(args.config, output_dir)), args.overrides)
+            run_dir = None
+    else:
+        system_cls, cfg = load_run_config(args.config, args.overrides)
+        run_dir = None
+    if args.show_config:
+        print("\n".join(describe(cfg)))
+        return 0
+    created = run_dir is None
+    if created:
+        run_dir = new_run_dir(cfg.output_dir, system_cls.name, getattr(cfg, "prompt", "") or system_cls.name)
+    write_config(run_dir, cfg)
+    try:
+        system = system_cls(cfg, run_dir)
+        system.ensure_training()  # loads the prior: a missing model stops the run here, at once
+        system.log.info(f"run folder: {run_dir}")
+        if args.resume:
+            system.resume()
+            if system.step >= cfg.max_steps:
+                system.log.info(f"the run already reached max_steps={cfg.max_steps}; raise it to train longer, e.g. max_steps={cfg.max_steps * 2}")
+                return 0
+        system.fit()
+    except Interrupted as exc:
+        print(f"\n{exc}", file=sys.stderr)
+        return 130
+    except Gen3dError:
+        if created and not any((run_dir / "checkpoints").glob("step-*")):
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth keeping was written
+        raise
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from gen3d.runs import resolve_run
+    from gen3d.systems.base import default_export_name
+
+    run_dir = resolve_run(args.run, args.output_dir)
+    system_cls, cfg = load_run_config(str(run_dir), [])
+    cfg.progress = False
+    system = system_cls(cfg, run_dir)
+    system.resume(model_only=True)
+    for fmt in args.format:
+        out = Path(args.output) if args.output and len(args.format) == 1 else run_dir / "export" / default_export_name(fmt)
+        path = system.write_turntable(out) if fmt == "video" else system.export(fmt, out)
+        print(path)
+    return 0
+
+
+def cmd_configs(args: argparse.Namespace) -> int:
+    from gen3d.config import read_yaml
+
+    for name, path in list_presets().items():
+        data = read_yaml(path)
+        print(f"{name:20s} system={data.get('system', '?'):15s} {path}")
+    return 0
+
+
+def _output_dir(overrides: list[str]) -> str:
+    for text in overrides:
+        if text.startswith("output_dir="):
+            return text.split("=", 1)[1]
+    return "outputs"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from gen3d import __version__
+    from gen3d.systems.base import EXPORT_FORMATS
+
+    parser = argparse.ArgumentParser(
+        prog="gen3d", description="Text or one image to 3D: score distillation, exports, viewer.", epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"gen3d {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="<verb>")
+
+    run = sub.add_parser("run", help="run a recipe (or resume one with --resume)", description=(
+        "Run an optimization recipe. CONFIG is a preset name (see `gen3d configs`), a YAML file, a run "
+        "folder or @last. Overrides are dotted key=value pairs, e.g. prompt=\"a red mug\" max_steps=200 "
+        "guidance.guidance_scale=50; --show-config lists every key."))
+    run.add_argument("config", help="preset name, YAML file, run folder, or @last")
+    run.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    run.add_argument("--resume", action="store_true", help="continue the run folder CONFIG (or @last) from its newest checkpoint")
+    run.add_argument("--show-config", action="store_true", help="print the resolved config with each key's meaning and exit")
+    run.set_defaults(func=cmd_run)
+
+    resume = sub.add_parser("resume", help="continue a run from its newest checkpoint (= run RUN --resume)")
+    resume.add_argument("config", metavar="run", help="run folder or @last")
+    resume.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. max_steps=1000")
+    resume.set_defaults(func=cmd_run, resume=True, show_config=False)
+
+    export = sub.add_parser("export", help="write a run's result as PLY / GLB / OBJ / video")
+    export.add_argument("run", help="run folder or @last")
+    export.add_argument("--format", nargs="+", default=["ply"], choices=EXPORT_FORMATS,
+                        help="ply: standard 3DGS PLY; glb/obj/mesh-ply: mesh; video: turntable")
+    export.add_argument("--output", help="output file (default: <run>/export/<name>)")
+    export.add_argument("--output-dir", default="outputs", help="where @last looks for runs")
+    export.set_defaults(func=cmd_export)
+
+    configs = sub.add_parser("configs", help="list the config presets")
+    configs.set_defaults(func=cmd_configs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options (gen3d run @last --resume max_steps=900)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except Gen3dError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\naborted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

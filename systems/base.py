@@ -1,0 +1,333 @@
+"""The training loop every optimization recipe shares.
+
+A recipe subclasses `System` and fills in what is its own: `setup` (build the representation,
+prior, guidance and optimizer), `training_step`, `render` (for validation and the turntable),
+its checkpointed state, and `export`. `System.fit` owns the rest: the progress bar, metrics and
+log, validation renders, atomic checkpoints, Ctrl-C, resume, the turntable video and exports.
+
+Determinism: every random draw of a run comes from `self.generator` (seeded by ``seed``), whose
+state is checkpointed, so a seeded run that is interrupted and resumed ends with exactly the
+parameters of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from tqdm.auto import tqdm
+
+from gen3d.cameras import Cameras, OrbitConfig, orbit_cameras
+from gen3d.config import to_dict
+from gen3d.errors import CheckpointError, Gen3dError
+from gen3d.io import write_text_atomic
+from gen3d.rendering.types import RenderOutput
+from gen3d.runs import latest_checkpoint, save_checkpoint
+
+import yaml
+
+EXPORT_FORMATS = ("ply", "glb", "obj", "mesh-ply", "video")
+
+
+@dataclass
+class RunConfig:
+    """Settings every system shares: steps, seed, device, output and what to write."""
+
+    system: str = ""
+    """Registered system name (set by the preset's `system:` key)."""
+    seed: int = 0
+    """Seed of every random draw in the run (initialization, cameras, noise, densification)."""
+    max_steps: int = 500
+    """Optimization steps."""
+    device: str = "auto"
+    """'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
+    output_dir: str = "outputs"
+    """Root of run folders: <output_dir>/<system>/<prompt-slug>@<timestamp>/."""
+    val_every: int = 100
+    """Write validation renders every this many steps (0: only at the end)."""
+    checkpoint_every: int = 100
+    """Write a checkpoint every this many steps (0: only at the end and on Ctrl-C)."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
+    log_every: int = 10
+    """Append to metrics.jsonl every this many steps."""
+    val_views: int = 4
+    """Views in each validation image (evenly spaced in azimuth, starting at the front)."""
+    turntable_frames: int = 60
+    """Frames of the final turntable video (0: no video)."""
+    turntable_fps: int = 24
+    """Frame rate of the turntable video."""
+    exports: list[str] = field(default_factory=lambda: ["ply", "glb"])
+    """Files written at the end of a run, among: ply (3DGS), glb, obj, mesh-ply, video."""
+    progress: bool = True
+    """Show a progress bar (step, it/s, loss)."""
+    threads: int = 0
+    """CPU threads for torch (0: torch's default)."""
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        for name in ("val_every", "checkpoint_every", "log_every", "turntable_frames", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        bad = [f for f in self.exports if f not in EXPORT_FORMATS]
+        if bad:
+            raise ValueError(f"exports: unknown format(s) {bad}; choose among {list(EXPORT_FORMATS)}")
+
+
+class Interrupted(Exception):
+    """Raised by `fit` after Ctrl-C, once the checkpoint is safely written."""
+
+    def __init__(self, step: int, run_dir: Path):
+        super().__init__(f"interrupted at step {step}; checkpoint saved; resume with: gen3d run {run_dir} --resume")
+        self.step, self.run_dir = step, run_dir
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise Gen3dError(f"device={name} was asked for but CUDA is not available here; pass device=cpu or device=auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise Gen3dError(f"device '{name}' is not a torch device; use auto, cpu or cuda") from None
+
+
+class System:
+    """Base class of optimization recipes; see the module docstring."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = RunConfig
+
+    def __init__(self, cfg: RunConfig, run_dir: Path):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.device = pick_device(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.generator = torch.Generator().manual_seed(cfg.seed)  # CPU generator: reproducible on any device
+        self.step = 0
+        self.log = _run_logger(self.run_dir, progress=cfg.progress)
+        self._interrupt = False
+        self._training_ready = False
+        self.setup()
+
+    # ---- what a recipe provides -------------------------------------------------------------
+    def setup(self) -> None:
+        """Build the representation (cheap: export and view need only this)."""
+        raise NotImplementedError
+
+    def setup_training(self) -> None:
+        """Build what training needs on top of `setup`: prior, guidance, optimizer."""
+        raise NotImplementedError
+
+    def ensure_training(self) -> None:
+        if not self._training_ready:
+            self.setup_training()
+            self._training_ready = True
+
+    def training_step(self, step: int) -> dict[str, float]:
+        """One optimization step (forward, backward, optimizer step); returns scalars to log."""
+        raise NotImplementedError
+
+    def render(self, cameras: Cameras) -> RenderOutput:
+        """Render for validation and turntables (called under no_grad)."""
+        raise NotImplementedError
+
+    def model_tensors(self) -> dict[str, torch.Tensor]:
+        """The representation's tensors, saved as safetensors."""
+        raise NotImplementedError
+
+    def load_model_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def training_state(self) -> dict[str, Any]:
+        """Optimizer and other training state (besides the generator, saved by the base)."""
+        return {}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def export(self, fmt: str, path: Path) -> Path:
+        """Write the result in `fmt` (one of EXPORT_FORMATS but 'video') to `path`; return the path written."""
+        raise NotImplementedError
+
+    @property
+    def eval_orbit(self) -> OrbitConfig:
+        return getattr(self.cfg, "cameras", OrbitConfig())
+
+    # ---- the shared loop ----------------------------------------------------------------------
+    def fit(self, stop_at: int | None = None) -> Path:
+        """Train from `self.step` to `max_steps` (or `stop_at`, for tests), then write the outputs."""
+        cfg = self.cfg
+        end = min(cfg.max_steps, stop_at) if stop_at is not None else cfg.max_steps
+        self.ensure_training()
+        previous = signal.getsignal(signal.SIGINT)
+        installed = _install_sigint(self)
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress, dynamic_ncols=True,
+                   desc=f"{self.name}", unit="step", file=sys.stderr)
+        metrics_file = (self.run_dir / "metrics.jsonl").open("a")
+        try:
+            t0 = time.perf_counter()
+            while self.step < end:
+                step = self.step + 1
+                out = self.training_step(step)
+                self.step = step
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in out.items() if k in ("loss", "n_gaussians")}, refresh=False)
+                if cfg.log_every and (step % cfg.log_every == 0 or step == end):
+                    record = {"step": step, "time": round(time.perf_counter() - t0, 3), **out}
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                if cfg.val_every and step % cfg.val_every == 0:
+                    self.validate()
+                if self._interrupt:
+                    self.save()
+                    raise Interrupted(step, self.run_dir)
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    self.save()
+        finally:
+            bar.close()
+            metrics_file.close()
+            if installed:
+                signal.signal(signal.SIGINT, previous)
+        if self.step >= cfg.max_steps:
+            self.save()
+            self.finish()
+        return self.run_dir
+
+    def finish(self) -> None:
+        """Final validation image, turntable video and exports."""
+        self.validate()
+        if self.cfg.turntable_frames:
+            self.write_turntable()
+        for fmt in self.cfg.exports:
+            if fmt != "video":
+                path = self.export(fmt, self.run_dir / "export" / default_export_name(fmt))
+                self.log.info(f"exported {fmt}: {path}")
+        self.log.info(f"done: {self.run_dir}")
+
+    @torch.no_grad()
+    def render_orbit(self, n: int, size: int | None = None) -> RenderOutput:
+        o = self.eval_orbit
+        size = size or o.eval_size
+        cams = orbit_cameras(n, o.eval_elevation, o.eval_distance, o.eval_fovy, size, size).to(self.device)
+        outs = [self.render(cams[i:i + 8]) for i in range(0, n, 8)]
+        cat = lambda name: torch.cat([getattr(r, name) for r in outs])  # noqa: E731
+        return RenderOutput(rgb=cat("rgb"), alpha=cat("alpha"), depth=cat("depth"))
+
+    def validate(self) -> Path:
+        from gen3d.export.video import image_grid, save_image
+
+        r = self.render_orbit(self.cfg.val_views)
+        top = r.rgb.clamp(0, 1).cpu()
+        bottom = r.alpha.expand_as(r.rgb).clamp(0, 1).cpu()
+        grid = image_grid(torch.cat([top, bottom]), nrow=self.cfg.val_views)
+        path = self.run_dir / "val" / f"step-{self.step:06d}.png"
+        save_image(path, grid)
+        return path
+
+    def write_turntable(self, path: Path | None = None) -> Path:
+        """Render the turntable orbit and write it as mp4 (gif where no encoder); returns the path written."""
+        from gen3d.export.video import write_video
+
+        frames = self.render_orbit(self.cfg.turntable_frames or 60).rgb.clamp(0, 1).cpu()
+        path = write_video(path or self.run_dir / "video" / "turntable.mp4", frames, fps=self.cfg.turntable_fps)
+        self.log.info(f"turntable: {path}")
+        return path
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def save(self) -> Path:
+        state = {"training": self.training_state(), "generator": self.generator.get_state()}
+        meta = {"system": self.name, "format": "gen3d-checkpoint-1", "max_steps": self.cfg.max_steps}
+        path = save_checkpoint(self.run_dir, self.step, self.model_tensors(), state, meta, keep=self.cfg.keep_checkpoints)
+        self.log.debug(f"checkpoint: {path}")
+        return path
+
+    def resume(self, model_only: bool = False) -> int:
+        """Load the newest usable checkpoint of the run; returns its step (0 if there is none).
+
+        With `model_only`, only the representation is loaded (for export and viewing), so no
+        prior is needed.
+        """
+        ckpt = latest_checkpoint(self.run_dir, warn=self.log.warning)
+        if ckpt is None:
+            if model_only:
+                raise CheckpointError(f"run '{self.run_dir}' has no checkpoint yet; wait for one or resume it with --resume")
+            self.log.warning("no checkpoint in this run yet; starting from step 0")
+            return 0
+        if ckpt.meta.get("system") != self.name:
+            raise CheckpointError(f"checkpoint '{ckpt.path}' belongs to system '{ckpt.meta.get('system')}', not '{self.name}'")
+        try:
+            self.load_model_tensors(ckpt.model)
+            if not model_only:
+                self.ensure_training()
+                self.load_training_state(ckpt.state["training"])
+                self.generator.set_state(ckpt.state["generator"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(
+                f"checkpoint '{ckpt.path}' does not fit this config ({type(exc).__name__}: {str(exc)[:200]}); "
+                "resume with the run's own config.yaml or start a new run"
+            ) from None
+        self.step = ckpt.step
+        self.log.info(f"resumed from {ckpt.path} at step {self.step}")
+        return self.step
+
+
+def default_export_name(fmt: str) -> str:
+    return {"ply": "model.ply", "glb": "mesh.glb", "obj": "mesh.obj", "mesh-ply": "mesh.ply",
+            "video": "turntable.mp4"}[fmt]
+
+
+def write_config(run_dir: Path, cfg: Any) -> Path:
+    path = run_dir / "config.yaml"
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return path
+
+
+def _install_sigint(system: System) -> bool:
+    """First Ctrl-C: finish the step, checkpoint, exit. Second: stop at once."""
+    from threading import current_thread, main_thread
+
+    if current_thread() is not main_thread():
+        return False
+
+    def handler(signum, frame):
+        if system._interrupt:
+            raise KeyboardInterrupt
+        system._interrupt = True
+        system.log.warning("Ctrl-C: finishing this step and saving a checkpoint (press again to abort now)")
+
+    signal.signal(signal.SIGINT, handler)
+    return True
+
+
+class _TqdmHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def _run_logger(run_dir: Path, progress: bool) -> logging.Logger:
+    log = logging.getLogger(f"gen3d.run.{run_dir}")
+    log.setLevel(logging.DEBUG)
+    log.propagate = False
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    fh = logging.FileHandler(run_dir / "log.txt")
+    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(fh)
+    sh = _TqdmHandler()
+    sh.setLevel(logging.INFO)
+    sh.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(sh)
+    return log

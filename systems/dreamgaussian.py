@@ -1,0 +1,176 @@
+"""Text-to-3D with 3D Gaussians and SDS, DreamGaussian's generation stage.
+
+DreamGaussian (Tang et al., 2023, "DreamGaussian: Generative Gaussian Splatting for Efficient 3D
+Content Creation") optimizes 3D Gaussians initialized in a ball with Score Distillation Sampling
+(Poole et al., 2022) from a text-to-image diffusion prior, densifying as 3DGS does, at a render
+resolution that grows during the run, against a background that flips between white and black.
+
+Deliberate differences from the reference: timesteps follow our `SDSConfig` schedules (the
+preset anneals t linearly from 0.98 to 0.02 of the range like DreamGaussian); the first mesh is
+a density-grid isosurface with vertex colors (the texture-refinement stage arrives with the mesh
+issue).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gen3d.cameras import Cameras, OrbitConfig, sample_orbit
+from gen3d.errors import Gen3dError
+from gen3d.guidance.sds import SDSConfig, SDSGuidance
+from gen3d.priors.diffusion import DiffusionPrior
+from gen3d.priors.prompts import PromptConfig, PromptProcessor
+from gen3d.rendering.gaussian import render_gaussians
+from gen3d.rendering.types import RenderOutput
+from gen3d.representations.gaussians import GaussianConfig, GaussianModel
+from gen3d.representations.strategy import DensifyConfig, DensifyStrategy
+from gen3d.systems.base import RunConfig, System
+
+BACKGROUNDS = ("random", "white", "black")
+
+
+@dataclass
+class DreamGaussianConfig(RunConfig):
+    """Text-to-3D with 3D Gaussians and score distillation (DreamGaussian's generation stage)."""
+
+    system: str = "dreamgaussian"
+    """Registered system name."""
+    prompt: str = ""
+    """What to generate, e.g. "a hamburger"."""
+    negative_prompt: str = ""
+    """Text the prior should steer away from (the unconditional branch of CFG)."""
+    prior: str = "stabilityai/stable-diffusion-2-1-base"
+    """Diffusion prior: a hub id in the local Hugging Face cache or a diffusers pipeline folder."""
+    download: bool = False
+    """Allow downloading `prior` from the hub when it is not in the local cache."""
+    dtype: str = "auto"
+    """Prior precision: auto (float16 on CUDA, float32 on CPU), float32 or float16."""
+    view_dependent: bool = True
+    """Append 'front/side/back/overhead view' to the prompt by camera direction."""
+    background: str = "random"
+    """Background behind the Gaussians during training: random (white or black per step), white or black."""
+    render_sizes: list[int] = field(default_factory=lambda: [128, 256, 512])
+    """Training render resolutions, switched at `render_size_milestones` (fractions of the run)."""
+    render_size_milestones: list[float] = field(default_factory=lambda: [0.3, 0.6])
+    """Fractions of max_steps at which the next entry of `render_sizes` takes over."""
+    lambda_sds: float = 1.0
+    """Weight of the SDS loss."""
+    rasterizer: str = "auto"
+    """Gaussian rasterizer backend: auto, torch (tile-based reference), dense or gsplat (CUDA)."""
+    guidance: SDSConfig = field(default_factory=SDSConfig)
+    """Score distillation settings."""
+    gaussians: GaussianConfig = field(default_factory=GaussianConfig)
+    """3D Gaussians: initialization, SH degree and learning rates."""
+    densify: DensifyConfig = field(default_factory=DensifyConfig)
+    """Densify / prune / opacity-reset schedule (3DGS)."""
+    cameras: OrbitConfig = field(default_factory=OrbitConfig)
+    """Training and evaluation cameras."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.background not in BACKGROUNDS:
+            raise ValueError(f"background must be one of {list(BACKGROUNDS)}, got {self.background!r}")
+        if len(self.render_sizes) != len(self.render_size_milestones) + 1 or not self.render_sizes:
+            raise ValueError(
+                f"render_sizes needs one more entry than render_size_milestones, got {self.render_sizes} "
+                f"and {self.render_size_milestones}"
+            )
+        if any(s < 8 for s in self.render_sizes):
+            raise ValueError(f"render_sizes must be >= 8 pixels, got {self.render_sizes}")
+
+
+class DreamGaussian(System):
+    name = "dreamgaussian"
+    Config = DreamGaussianConfig
+    cfg: DreamGaussianConfig
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        if not cfg.prompt.strip():
+            raise Gen3dError('prompt is empty; pass prompt="a hamburger" (or set prompt: in the config)')
+        init_gen = torch.Generator().manual_seed(cfg.seed)
+        self.model = GaussianModel.random_ball(cfg.gaussians, generator=init_gen).to(self.device)
+
+    def setup_training(self) -> None:
+        cfg = self.cfg
+        self.prior = DiffusionPrior.from_pretrained(cfg.prior, device=self.device, dtype=cfg.dtype, download=cfg.download)
+        self.prompts = PromptProcessor(self.prior, PromptConfig(
+            prompt=cfg.prompt, negative_prompt=cfg.negative_prompt, view_dependent=cfg.view_dependent))
+        self.guidance = SDSGuidance(self.prior, cfg.guidance)
+        self.optimizer = torch.optim.Adam(self.model.param_groups(cfg.gaussians), lr=0.0, eps=1e-15)
+        # DreamGaussian's camera extent for the densify thresholds (percent_dense, prune size) is 4.
+        self.strategy = DensifyStrategy(cfg.densify, scene_extent=4.0, max_steps=cfg.max_steps, seed=cfg.seed)
+
+    def render_size(self, step: int) -> int:
+        frac = step / self.cfg.max_steps
+        return self.cfg.render_sizes[sum(frac >= m for m in self.cfg.render_size_milestones)]
+
+    def background_for(self, n: int) -> torch.Tensor:
+        bg = self.cfg.background
+        if bg == "random":
+            bg = "white" if torch.rand((), generator=self.generator).item() < 0.5 else "black"
+        return torch.full((n, 3), 1.0 if bg == "white" else 0.0, device=self.device)
+
+    def training_step(self, step: int) -> dict[str, float]:
+        cfg = self.cfg
+        self.model.update_learning_rate(self.optimizer, step, max_steps=cfg.max_steps)
+        size = self.render_size(step)
+        cams = sample_orbit(cfg.cameras, self.generator, width=size, height=size).to(self.device)
+        out = render_gaussians(self.model, cams, self.background_for(len(cams)), backend=cfg.rasterizer)
+        if out.means2d is not None and out.means2d.requires_grad:
+            out.means2d.retain_grad()
+        g = self.guidance(out.rgb, self.prompts(cams), step, cfg.max_steps, generator=self.generator)
+        loss = cfg.lambda_sds * g.loss
+        if not torch.isfinite(loss):
+            raise Gen3dError(
+                f"the loss became {loss.item()} at step {step}; the last checkpoint in {self.run_dir / 'checkpoints'} "
+                "is intact: lower the learning rates (gaussians.*_lr) or guidance.guidance_scale and resume or rerun"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.strategy.update_stats(out.means2d, out.radii, width=size, height=size, step=step)
+        self.optimizer.step()
+        self.strategy.maybe_densify(self.model, self.optimizer, step, generator=self.generator)
+        return {"loss": loss.item(), "grad_norm": g.grad_norm, "t": float(g.t.float().mean()),
+                "n_gaussians": float(self.model.num_gaussians), "size": float(size),
+                **({"nonfinite": float(g.nonfinite)} if g.nonfinite else {})}
+
+    def render(self, cameras: Cameras) -> RenderOutput:
+        white = torch.ones(len(cameras), 3, device=self.device)
+        return render_gaussians(self.model, cameras, white, backend=self.cfg.rasterizer)
+
+    def model_tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.model.state_dict())
+
+    def load_model_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        current = self.model.state_dict()
+        for k, v in tensors.items():  # the number of Gaussians may differ; nothing else may
+            if k in current and v.shape[1:] != current[k].shape[1:]:
+                raise ValueError(f"'{k}' has per-Gaussian shape {tuple(v.shape[1:])} in the checkpoint but "
+                                 f"{tuple(current[k].shape[1:])} here (was gaussians.sh_degree changed?)")
+        self.model.load_state_dict({k: v.to(self.device) for k, v in tensors.items()})
+
+    def training_state(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "strategy": self.strategy.state_dict()}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.strategy.load_state_dict(state["strategy"])
+
+    def export(self, fmt: str, path: Path) -> Path:
+        from gen3d.export.mesh import extract_mesh, save_mesh
+        from gen3d.export.ply import save_gaussian_ply
+
+        if fmt == "ply":
+            save_gaussian_ply(path, self.model)
+            return path
+        if fmt in ("glb", "obj", "mesh-ply"):
+            with torch.no_grad():
+                mesh = extract_mesh(self.model)
+            return save_mesh(path, mesh) or path
+        raise Gen3dError(f"unknown export format '{fmt}'")

@@ -53,7 +53,8 @@ def load_run_config(ref: str, overrides: list[str]):
     from gen3d.config import apply_overrides, from_dict, read_yaml
     from gen3d.systems import get_system
 
-    data = read_yaml(resolve_config_path(ref) if not (Path(ref) / "config.yaml").is_file() else Path(ref) / "config.yaml")
+    run_config = Path(ref) / "config.yaml"  # a run folder carries its resolved config
+    data = read_yaml(run_config if run_config.is_file() else resolve_config_path(ref))
     system_cls = get_system(str(_system_name(data, overrides, ref)))
     data = apply_overrides(system_cls.Config, data, overrides)
     return system_cls, from_dict(system_cls.Config, data)

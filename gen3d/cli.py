@@ -128,6 +128,38 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_world_train_prior(args: argparse.Namespace) -> int:
+    from gen3d.config import apply_overrides, describe, from_dict
+    from gen3d.world.train_prior import PriorTrainConfig, PriorTrainer
+
+    cfg = from_dict(PriorTrainConfig, apply_overrides(PriorTrainConfig, {}, args.overrides))
+    if args.show_config:
+        print("\n".join(describe(cfg)))
+        return 0
+    trainer = PriorTrainer(cfg)
+    if args.resume and trainer.resume():
+        print(f"resumed at step {trainer.step} from {cfg.work_dir}", file=sys.stderr)
+    try:
+        out = trainer.fit()
+    except KeyboardInterrupt:
+        return 130
+    print(out)
+    return 0
+
+
+def cmd_world_catalog(args: argparse.Namespace) -> int:
+    from gen3d.cameras import orbit_cameras
+    from gen3d.export.video import save_image
+    from gen3d.world.catalog import COLORS, SHAPES, WorldObject
+    from gen3d.world.render import contact_sheet
+
+    colors = list(COLORS)
+    objects = [WorldObject(shape, colors[i % len(colors)]) for i, shape in enumerate(SHAPES)]
+    sheet = contact_sheet(objects, orbit_cameras(args.views, elevation=20.0, distance=2.3, width=args.size, height=args.size))
+    print(save_image(args.output, sheet))
+    return 0
+
+
 def cmd_configs(args: argparse.Namespace) -> int:
     from gen3d.config import read_yaml
 
@@ -175,6 +207,21 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", help="output file (default: <run>/export/<name>)")
     export.add_argument("--output-dir", default="outputs", help="where @last looks for runs")
     export.set_defaults(func=cmd_export)
+
+    world = sub.add_parser("world", help="the embedded Shapes world: catalog pictures, prior training")
+    wsub = world.add_subparsers(dest="world_verb", metavar="<world-verb>", required=True)
+    train = wsub.add_parser("train-prior", help="train the embedded text-to-image prior (reproduces the shipped weights)",
+                            description="Train the embedded text-to-image prior from seed; overrides such as "
+                                        "steps=200 output=/tmp/prior; --show-config lists them.")
+    train.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in work_dir")
+    train.add_argument("--show-config", action="store_true", help="print every setting with its meaning and exit")
+    train.set_defaults(func=cmd_world_train_prior)
+    catalog = wsub.add_parser("catalog", help="render every shape of the world into one picture")
+    catalog.add_argument("--output", default="shapes_catalog.png", help="PNG to write")
+    catalog.add_argument("--views", type=int, default=4, help="views per shape")
+    catalog.add_argument("--size", type=int, default=96, help="pixels per view")
+    catalog.set_defaults(func=cmd_world_catalog)
 
     configs = sub.add_parser("configs", help="list the config presets")
     configs.set_defaults(func=cmd_configs)

@@ -24,57 +24,14 @@ from typing import Literal
 
 import torch
 
+from gen3d.priors.tokenizer import write_clip_tokenizer
+
 TEXT_DIM = 16  # hidden size of the tiny text encoder = cross_attention_dim of the UNet
 MAX_TEXT_LENGTH = 77  # CLIP's context length
 WORDS = (
     "a an the of on in with and red green blue yellow white black gray mug cube sphere cone torus "
     "chair teapot dog cat car front side back overhead view photo blurry ugly low quality shape"
 ).split()
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP byte-level alphabet: printable bytes map to themselves, the rest to code points 256+."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-def _write_tokenizer(folder: Path) -> int:
-    """Write a tiny CLIP BPE tokenizer; returns its vocabulary size."""
-    folder.mkdir(parents=True, exist_ok=True)
-    alphabet = list(_bytes_to_unicode().values())
-    tokens = alphabet + [c + "</w>" for c in alphabet]
-    merges: list[str] = []
-    for word in WORDS:  # left-to-right merges, so every listed word ends as a single token
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(pieces) > 1:
-            merge = f"{pieces[0]} {pieces[1]}"
-            if merge not in merges:
-                merges.append(merge)
-            pieces = [pieces[0] + pieces[1]] + pieces[2:]
-            if pieces[0] not in tokens:
-                tokens.append(pieces[0])
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    config = {
-        "tokenizer_class": "CLIPTokenizer",
-        "model_max_length": MAX_TEXT_LENGTH,
-        "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
-        "do_lower_case": True,
-    }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    return len(vocab)
 
 
 def make_tiny_prior(
@@ -102,7 +59,7 @@ def make_tiny_prior(
         raise ValueError(f"make_tiny_prior: kind must be 'latent' or 'pixel', got {kind!r}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    vocab_size = _write_tokenizer(folder / "tokenizer")
+    vocab_size = write_clip_tokenizer(folder / "tokenizer", WORDS, MAX_TEXT_LENGTH)
     channels = 4 if kind == "latent" else 3
     index = {
         "_class_name": "StableDiffusionPipeline" if kind == "latent" else "IFPipeline",

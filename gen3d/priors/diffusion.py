@@ -35,7 +35,11 @@ from torch import Tensor
 
 from gen3d.errors import PriorNotAvailable
 
-EMBEDDED_HINT = "the embedded Shapes-world prior (coming in the Shapes-world issue)"
+EMBEDDED_PRIORS = {
+    # id -> folder inside the installed package; trained by `gen3d world train-prior`
+    "gen3d/shapes-t2i": Path(__file__).resolve().parents[1] / "assets" / "shapes-t2i",
+}
+EMBEDDED_HINT = "the embedded Shapes-world prior (prior=gen3d/shapes-t2i, offline, CPU; prompts like \"a red mug\")"
 """How error messages name the always-available offline alternative (update in this one place)."""
 
 REQUIRED_COMPONENTS = ("unet", "scheduler", "text_encoder", "tokenizer")
@@ -88,7 +92,15 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _locate(model: str, download: bool, cache_dir: str | None) -> Path:
-    """A local folder for `model` (a folder path or a hub id), or a one-line PriorNotAvailable."""
+    """A local folder for `model` (a folder path, an embedded id or a hub id), or a one-line PriorNotAvailable."""
+    if model in EMBEDDED_PRIORS:
+        folder = EMBEDDED_PRIORS[model]
+        if not (folder / "model_index.json").is_file():
+            raise PriorNotAvailable(
+                f"the embedded prior {model!r} is missing from this installation ({folder}); "
+                f"rebuild it with: gen3d world train-prior"
+            )
+        return folder
     path = Path(model).expanduser()
     if path.is_dir():
         return path

@@ -37,3 +37,24 @@ def render_gaussians(model, cameras: Cameras, background: Tensor | None = None,
         tile_size=16 if model.means.is_cuda else 8,
     )
     return RenderOutput(rgb=out.colors, alpha=out.alphas, depth=out.depths, means2d=out.means2d, radii=out.radii)
+
+
+class GaussianQuery:
+    """A `GaussianModel` seen through the one query interface the quality metrics use.
+
+    occupancy(points [P, 3]) -> [P] is the Gaussian density sum clamped to [0, 1] (the mesh export's
+    isosurface is its 0.5 level); render(cameras) renders over white.
+    """
+
+    def __init__(self, model, backend: str = "auto"):
+        self.model, self.backend = model, backend
+
+    @torch.no_grad()
+    def occupancy(self, points: Tensor) -> Tensor:
+        return self.model.density(points.to(self.model.means.device)).clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def render(self, cameras: Cameras) -> RenderOutput:
+        cameras = cameras.to(self.model.means.device)
+        white = torch.ones(len(cameras), 3, device=self.model.means.device)
+        return render_gaussians(self.model, cameras, white, backend=self.backend)

@@ -54,7 +54,7 @@ class PriorTrainConfig:
     """Checkpoints, sample grids and the training log."""
     seed: int = 0
     """Seed of everything: renders, initialization, batches, noise, caption dropout."""
-    steps: int = 6000
+    steps: int = 2500
     """Optimization steps."""
     batch_size: int = 32
     """Images per step."""
@@ -90,18 +90,25 @@ class PriorTrainConfig:
     """Write a resumable checkpoint every this many steps."""
     progress: bool = True
     """Show a progress bar."""
+    threads: int = 1
+    """torch CPU threads (0: torch's default). The shipped weights used 1: results differ in the last bits
+    across thread counts, and one thread does not spin-wait against other work on a shared machine."""
+    max_objects: int = 0
+    """Train on only the first N training objects (0: all; small values are for quick tests)."""
 
 
-def _unet(cfg: PriorTrainConfig):
+def _unet(cfg: PriorTrainConfig, in_channels: int = 3, cross_attention_dim: int | None = None):
+    """The embedded priors' UNet; `in_channels` and `cross_attention_dim` (default: cfg.text_dim) let the
+    view-conditioned prior (`train_view_prior`) share it."""
     from diffusers import UNet2DConditionModel
 
     n = len(cfg.block_out_channels)
     return UNet2DConditionModel(
-        sample_size=cfg.size, in_channels=3, out_channels=3, layers_per_block=1,
+        sample_size=cfg.size, in_channels=in_channels, out_channels=3, layers_per_block=1,
         block_out_channels=tuple(cfg.block_out_channels),
         down_block_types=tuple("DownBlock2D" if i < n - 1 else "CrossAttnDownBlock2D" for i in range(n)),
         up_block_types=tuple("CrossAttnUpBlock2D" if i == 0 else "UpBlock2D" for i in range(n)),
-        cross_attention_dim=cfg.text_dim, attention_head_dim=8, norm_num_groups=8,
+        cross_attention_dim=cross_attention_dim or cfg.text_dim, attention_head_dim=8, norm_num_groups=8,
     )
 
 
@@ -129,6 +136,8 @@ class PriorTrainer:
         from transformers import CLIPTokenizer
 
         self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         self.work = Path(cfg.work_dir)
         self.work.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)  # diffusers/transformers initialize from the global generator
@@ -155,11 +164,11 @@ class PriorTrainer:
         from gen3d.world.catalog import training_objects
 
         cfg = self.cfg
-        cache = self.work / f"renders-{cfg.seed}-{cfg.views_per_object}-{cfg.size}x{cfg.supersample}.pt"
+        cache = self.work / f"renders-{cfg.seed}-{cfg.views_per_object}-{cfg.size}x{cfg.supersample}-{cfg.max_objects}.pt"
         if cache.is_file():
             self.data = torch.load(cache, weights_only=False)
             return
-        objects = training_objects()
+        objects = training_objects()[: cfg.max_objects or None]
         t0 = time.perf_counter()
         g = torch.Generator().manual_seed(cfg.seed)
         chunks = [render_views(o, cfg.views_per_object, cfg.size, cfg.supersample, g)
@@ -353,10 +362,13 @@ class PriorTrainer:
         return self.export()
 
 
-def render_views(obj, n: int, size: int, supersample: int, generator: torch.Generator):
+def render_views(obj, n: int, size: int, supersample: int, generator: torch.Generator,
+                 return_cameras: bool = False):
     """n random views of `obj`: premultiplied color [n, 3, size, size], alpha [n, 1, size, size], view words.
 
     Cameras follow `TRAIN_ORBIT` (the range text-to-3D presets on this prior sample from).
+    With `return_cameras`, a fourth element: the `Cameras` drawn (azimuth, elevation, distance per
+    view; the random draws are the same either way).
     """
     from gen3d.cameras import sample_orbit
     from gen3d.priors.prompts import view_directions
@@ -366,7 +378,10 @@ def render_views(obj, n: int, size: int, supersample: int, generator: torch.Gene
     out = render_object(obj, cams, background=(0.0, 0.0, 0.0), supersample=1)
     premult = F.avg_pool2d(out.rgb.permute(0, 3, 1, 2), supersample)
     alpha = F.avg_pool2d(out.alpha.permute(0, 3, 1, 2), supersample)
-    return premult, alpha, view_directions(cams.azimuth, cams.elevation)
+    directions = view_directions(cams.azimuth, cams.elevation)
+    if return_cameras:
+        return premult, alpha, directions, cams
+    return premult, alpha, directions
 
 
 def sample_prompts() -> list[str]:

@@ -1,0 +1,455 @@
+"""Train the embedded view-conditioned prior of the Shapes world (Zero-1-to-3 style).
+
+Zero-1-to-3 (Liu et al., 2023, "Zero-1-to-3: Zero-shot One Image to 3D Object") learns
+``p(x_target | x_input, relative camera)`` from pairs of renders of the same object. This is that
+recipe shrunk to the Shapes world, with the structure of `gen3d.world.train_prior`:
+
+- data: every object of `training_objects()` (the `HELD_OUT` color/shape pairs are never seen)
+  rendered from `views_per_object` random `TRAIN_ORBIT` cameras by `render_views`, composited on
+  white; a training pair is two views (i, j) of one object, with ``relative_pose`` of their
+  (elevation, azimuth, distance). The field of view varies too and is not part of the pose;
+- model: `UNet2DConditionModel` on ``[x_t ‖ input view]`` (6 channels, the UNet of `train_prior`
+  with cross-attention at 8x8 and in the middle block), a tiny `CLIPVisionModelWithProjection`
+  (32x32, 8x8 patches: 16 patch tokens + CLS) and a `CameraProjection`, all trained from scratch;
+- objective: ε-prediction under the cosine DDPM schedule of the text prior (`_scheduler`);
+- classifier-free guidance: with probability `cond_dropout` (5%, as Zero123) a pair is trained with
+  its input-view channels and its tokens zeroed, which is the unconditional branch at inference;
+- EMA weights are exported; checkpoints make the run resumable and everything is drawn from
+  generators seeded by `seed`.
+
+Token layout (``tokens``): "patches" (``[CLS embedding + MLP(pose), 16 patch tokens]``) or
+"single" (Zero123's one token ``Linear([CLS embedding ‖ pose])``). Measured on 4 objects x 8 views,
+full-size model, batch 16, 150 steps each on the same data and seed, "patches" reached a lower
+held-out-pair denoising loss than "single" (see the training report in the README), so it is the
+default; Zero123's single token relies on a large pretrained CLIP embedding, which a 2-layer
+encoder trained from scratch does not provide.
+
+The result is a folder (model_index.json, unet/, scheduler/, image_encoder/, cc_projection/,
+gen3d_prior.json) that `ViewConditionedPrior.from_pretrained` loads:
+
+    gen3d world train-view-prior                   # the shipped weights, from seed 0
+    gen3d world train-view-prior steps=200 output=/tmp/vp work_dir=/tmp/vp-work   # a quick one
+    gen3d world train-view-prior --resume          # continue after an interruption
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from gen3d.world.train_prior import PriorTrainer, _diffusers_version, _scheduler, _unet, render_views
+
+EMBEDDED_ZERO123 = Path(__file__).resolve().parents[1] / "assets" / "shapes-zero123"
+SAMPLE_CAMERA = {"azimuth": 30.0, "elevation": 15.0, "distance": 2.25, "fovy": 45.0}
+"""Input camera of the sample grids (inside `TRAIN_ORBIT`); novel views turn the azimuth."""
+SAMPLE_TURNS = (0.0, 90.0, 180.0, 270.0)
+"""Δazimuth of the novel views in the sample grids."""
+
+
+@dataclass
+class ViewPriorTrainConfig:
+    """Training of the embedded view-conditioned (Zero123-style) prior."""
+
+    output: str = str(EMBEDDED_ZERO123)
+    """Folder the finished prior is written to (the shipped one by default)."""
+    work_dir: str = "outputs/world/train-view-prior"
+    """Checkpoints, sample grids, the render cache and the training log."""
+    seed: int = 0
+    """Seed of everything: renders, initialization, pairs, noise, condition dropout."""
+    steps: int = 6000
+    """Optimization steps."""
+    batch_size: int = 32
+    """Pairs per step."""
+    lr: float = 5e-4
+    """Peak AdamW learning rate (linear warm-up, cosine decay to 10%)."""
+    warmup: int = 200
+    """Warm-up steps."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    ema_decay: float = 0.999
+    """Decay of the exponential moving average whose weights are saved."""
+    size: int = 32
+    """Image size the prior models."""
+    supersample: int = 2
+    """Renders are made at size * supersample and averaged down (antialiasing)."""
+    views_per_object: int = 24
+    """Rendered views of each training object; pairs are drawn among them."""
+    max_objects: int = 0
+    """Train on this many training objects, evenly spaced through the catalog (0: all of them)."""
+    cond_dropout: float = 0.05
+    """Probability of training a pair unconditionally (input view and tokens zeroed), for CFG."""
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    """UNet widths per resolution (32, 16, 8)."""
+    embed_dim: int = 64
+    """Width of the image encoder, its projection, the pose token and the UNet's cross-attention."""
+    image_layers: int = 2
+    """Image encoder transformer layers."""
+    patch_size: int = 8
+    """Image encoder patch size (32 / 8 = 4x4 = 16 patch tokens)."""
+    tokens: str = "patches"
+    """Cross-attention tokens: "patches" ([CLS + pose token, patch tokens]) or "single" (Zero123's one token)."""
+    sample_every: int = 500
+    """Write a sample grid every this many steps (0: never)."""
+    sample_guidance: float = 3.0
+    """Classifier-free guidance scale of the sample grids (Zero123's default)."""
+    checkpoint_every: int = 250
+    """Write a resumable checkpoint every this many steps."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        from gen3d.priors.view_conditioning import TOKEN_LAYOUTS
+
+        if self.tokens not in TOKEN_LAYOUTS:
+            raise ValueError(f"tokens must be one of {TOKEN_LAYOUTS}, got {self.tokens!r}")
+        if self.size % self.patch_size:
+            raise ValueError(f"size {self.size} must be a multiple of patch_size {self.patch_size}")
+        if self.views_per_object < 1 or self.max_objects < 0:
+            raise ValueError(f"views_per_object must be >= 1 and max_objects >= 0, got "
+                             f"{self.views_per_object} and {self.max_objects}")
+
+
+@dataclass
+class PairBatch:
+    """Training pairs: input views, target views (both ``[B, 3, h, w]`` in [-1, 1]), poses ``[B, 4]``,
+    and ``keep`` ``[B]`` (0 where the condition is dropped)."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    pose: torch.Tensor
+    keep: torch.Tensor
+
+
+def _image_encoder(cfg: ViewPriorTrainConfig):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    return CLIPVisionModelWithProjection(CLIPVisionConfig(
+        image_size=cfg.size, patch_size=cfg.patch_size, num_channels=3, hidden_size=cfg.embed_dim,
+        intermediate_size=2 * cfg.embed_dim, num_hidden_layers=cfg.image_layers, num_attention_heads=4,
+        projection_dim=cfg.embed_dim,
+    ))
+
+
+def _projection(cfg: ViewPriorTrainConfig):
+    from gen3d.priors.view_conditioning import CameraProjection
+
+    return CameraProjection(image_dim=cfg.embed_dim, patch_dim=cfg.embed_dim, token_dim=cfg.embed_dim,
+                            hidden_dim=2 * cfg.embed_dim, tokens=cfg.tokens)
+
+
+def _training_objects(max_objects: int):
+    from gen3d.world.catalog import training_objects
+
+    objects = training_objects()
+    if max_objects and max_objects < len(objects):
+        objects = [objects[i * len(objects) // max_objects] for i in range(max_objects)]
+    return objects
+
+
+def render_on_white(obj, azimuth, elevation, distance, fovy, size: int, supersample: int) -> torch.Tensor:
+    """Views of `obj` from spherical cameras (degrees, tensors [C]) composited on white: ``[C, 3, size, size]``."""
+    from gen3d.cameras import spherical_cameras
+    from gen3d.world.render import render_object
+
+    cams = spherical_cameras(azimuth, elevation, distance, fovy, size * supersample, size * supersample)
+    out = render_object(obj, cams, background=(0.0, 0.0, 0.0), supersample=1)
+    premult = F.avg_pool2d(out.rgb.permute(0, 3, 1, 2), supersample)
+    alpha = F.avg_pool2d(out.alpha.permute(0, 3, 1, 2), supersample)
+    return premult + (1 - alpha)
+
+
+def sample_objects():
+    """Objects of the sample grids: each shape in a seen color, then every held-out pair."""
+    from gen3d.world.catalog import COLORS, HELD_OUT, SHAPES, WorldObject
+
+    colors, held = list(COLORS), set(HELD_OUT)
+    seen = [WorldObject(shape, next(c for k in range(len(colors)) if (c := colors[(i + k) % len(colors)], shape) not in held))
+            for i, shape in enumerate(SHAPES)]
+    return seen + [WorldObject(shape, color) for color, shape in HELD_OUT]
+
+
+class ViewPriorTrainer:
+    """Builds the pair data and models, trains with checkpoints, writes the prior folder."""
+
+    lr_at = PriorTrainer.lr_at  # the same warm-up + cosine schedule, read from cfg.lr / warmup / steps
+
+    def __init__(self, cfg: ViewPriorTrainConfig):
+        self.cfg = cfg
+        self.work = Path(cfg.work_dir)
+        self.work.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)  # diffusers/transformers initialize from the global generator
+        self.unet = _unet(cfg, in_channels=6, cross_attention_dim=cfg.embed_dim)
+        self.image_encoder = _image_encoder(cfg)
+        self.projection = _projection(cfg)
+        self.ema = {k: v.detach().clone() for k, v in self._params().items()}
+        self.scheduler = _scheduler()
+        self.abar = self.scheduler.alphas_cumprod.float()
+        params = [p for m in self._modules().values() for p in m.parameters()]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.generator = torch.Generator().manual_seed(cfg.seed + 1)
+        self.step = 0
+        self.data = None
+        self._sample_views = None
+        self._stop = False
+
+    # ---- data --------------------------------------------------------------------------------
+    def build_data(self) -> None:
+        """Render `views_per_object` random views of each training object (cached in work_dir)."""
+        cfg = self.cfg
+        objects = _training_objects(cfg.max_objects)
+        cache = self.work / f"views-{cfg.seed}-{len(objects)}x{cfg.views_per_object}-{cfg.size}x{cfg.supersample}.pt"
+        if cache.is_file():
+            self.data = torch.load(cache, weights_only=False)
+            return
+        t0 = time.perf_counter()
+        g = torch.Generator().manual_seed(cfg.seed)
+        premult, alpha, cams = [], [], []
+        for o in tqdm(objects, desc="rendering", disable=not cfg.progress, file=sys.stderr):
+            p, a, _, c = render_views(o, cfg.views_per_object, cfg.size, cfg.supersample, g, return_cameras=True)
+            premult.append(p)
+            alpha.append(a)
+            cams.append(c)
+        self.data = {
+            "premult": torch.stack(premult).half(), "alpha": torch.stack(alpha).half(),  # [O, K, C, h, w]
+            "azimuth": torch.stack([c.azimuth for c in cams]), "elevation": torch.stack([c.elevation for c in cams]),
+            "distance": torch.stack([c.distance for c in cams]),  # [O, K]
+            "objects": [str(o) for o in objects],
+        }
+        from gen3d.io import atomic_path
+
+        with atomic_path(cache) as tmp:
+            torch.save(self.data, tmp)
+        print(f"rendered {cfg.views_per_object} views of {len(objects)} objects in "
+              f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
+
+    def view(self, o: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        """Views i of objects o (index tensors [B]) on white, ``[B, 3, h, w]`` in [-1, 1]."""
+        d = self.data
+        premult, alpha = d["premult"][o, i].float(), d["alpha"][o, i].float()
+        return (premult + (1 - alpha)) * 2 - 1
+
+    def batch(self) -> PairBatch:
+        """Random pairs (input view i, target view j) of random objects, with their relative poses."""
+        from gen3d.priors.view_conditioning import relative_pose
+
+        cfg, g, d = self.cfg, self.generator, self.data
+        O, K = d["azimuth"].shape
+        o = torch.randint(0, O, (cfg.batch_size,), generator=g)
+        i = torch.randint(0, K, (cfg.batch_size,), generator=g)
+        j = torch.randint(0, K, (cfg.batch_size,), generator=g)
+        keep = (torch.rand(cfg.batch_size, generator=g) >= cfg.cond_dropout).float()
+        pose = relative_pose(d["elevation"][o, i], d["azimuth"][o, i], d["distance"][o, i],
+                             d["elevation"][o, j], d["azimuth"][o, j], d["distance"][o, j])
+        return PairBatch(self.view(o, i), self.view(o, j), pose, keep)
+
+    # ---- model ---------------------------------------------------------------------------------
+    def _modules(self) -> dict[str, torch.nn.Module]:
+        return {"unet": self.unet, "image": self.image_encoder, "proj": self.projection}
+
+    def _params(self) -> dict[str, torch.Tensor]:
+        return {f"{name}.{k}": v for name, m in self._modules().items() for k, v in m.state_dict().items()}
+
+    def loss(self, batch: PairBatch, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """ε-prediction MSE on the targets noised to timesteps t ``[B]`` with noise eps ``[B, 3, h, w]``."""
+        from gen3d.priors.view_conditioning import encode_view
+
+        ab = self.abar[t].view(-1, 1, 1, 1)
+        x_t = ab.sqrt() * batch.targets + (1 - ab).sqrt() * eps
+        _, _, tokens = encode_view(self.image_encoder, self.projection, batch.inputs, batch.pose)  # [B, L, D]
+        keep = batch.keep.view(-1, 1, 1, 1)
+        pred = self.unet(torch.cat([x_t, batch.inputs * keep], 1), t, tokens * keep[:, :, :, 0]).sample
+        return F.mse_loss(pred, eps)
+
+    def train_step(self, batch: PairBatch | None = None) -> float:
+        batch = self.batch() if batch is None else batch
+        g = self.generator
+        t = torch.randint(0, 1000, (len(batch.targets),), generator=g)
+        eps = torch.randn(batch.targets.shape, generator=g)
+        loss = self.loss(batch, t, eps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for grp in self.optimizer.param_groups for p in grp["params"]], 1.0)
+        self.optimizer.step()
+        with torch.no_grad():
+            for k, v in self._params().items():
+                if v.dtype.is_floating_point:
+                    self.ema[k].lerp_(v, 1 - self.cfg.ema_decay)
+                else:
+                    self.ema[k].copy_(v)
+        self.step += 1
+        return loss.item()
+
+    # ---- checkpoints and outputs -------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        from gen3d.runs import save_checkpoint
+
+        tensors = {**self._params(), **{f"ema.{k}": v for k, v in self.ema.items()}}
+        state = {"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state()}
+        save_checkpoint(self.work, self.step, tensors, state, {"system": "train-view-prior", "config": asdict(self.cfg)})
+
+    def resume(self) -> bool:
+        from gen3d.runs import latest_checkpoint
+
+        ckpt = latest_checkpoint(self.work)
+        if ckpt is None:
+            return False
+        for name, module in self._modules().items():
+            module.load_state_dict({k[len(name) + 1:]: v for k, v in ckpt.model.items() if k.startswith(f"{name}.")})
+        self.ema = {k[4:]: v.clone() for k, v in ckpt.model.items() if k.startswith("ema.")}
+        self.optimizer.load_state_dict(ckpt.state["optimizer"])
+        self.generator.set_state(ckpt.state["generator"])
+        self.step = ckpt.step
+        return True
+
+    def ema_modules(self) -> dict[str, torch.nn.Module]:
+        """Copies of the modules holding the EMA weights, in eval mode."""
+        out = {}
+        for name, module in self._modules().items():
+            clone = copy.deepcopy(module)
+            clone.load_state_dict({k[len(name) + 1:]: v for k, v in self.ema.items() if k.startswith(f"{name}.")})
+            out[name] = clone.eval()
+        return out
+
+    def prior(self):
+        """The EMA model as a `ViewConditionedPrior` (in memory)."""
+        from gen3d.priors.view_conditioning import ViewConditionedPrior
+
+        m = self.ema_modules()
+        return ViewConditionedPrior(m["unet"], self.scheduler, m["image"], m["proj"],
+                                    model_name="shapes-zero123 (training)", device="cpu", dtype=torch.float32)
+
+    def sample_views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Inputs ``[O, h, w, 3]``, ground-truth novel views ``[O, 4, h, w, 3]`` (on white) and poses ``[O * 4, 4]``
+        of the sample grid: each of `sample_objects()` from `SAMPLE_CAMERA`, turned by `SAMPLE_TURNS`."""
+        from gen3d.priors.view_conditioning import relative_pose
+
+        if self._sample_views is None:
+            cfg, cam = self.cfg, SAMPLE_CAMERA
+            n = 1 + len(SAMPLE_TURNS)
+            azimuth = torch.tensor([cam["azimuth"] + d for d in (0.0, *SAMPLE_TURNS)])
+            full = lambda v: torch.full((n,), float(v))  # noqa: E731
+            views = torch.stack([render_on_white(o, azimuth, full(cam["elevation"]), full(cam["distance"]),
+                                                 full(cam["fovy"]), cfg.size, cfg.supersample)
+                                 for o in sample_objects()]).permute(0, 1, 3, 4, 2)  # [O, 5, h, w, 3]
+            pose = relative_pose(cam["elevation"], cam["azimuth"], cam["distance"],
+                                 cam["elevation"], azimuth[1:], cam["distance"])  # [4, 4]
+            self._sample_views = (views[:, 0], views[:, 1:], pose.repeat(len(views), 1))
+        return self._sample_views
+
+    def write_samples(self) -> Path:
+        """Sample grid: one column per sample object; rows: the input view, the novel views at Δazimuth
+        0/90/180/270 drawn by the EMA prior, then the ground truth of those four views."""
+        from gen3d.export.video import image_grid, save_image
+        from gen3d.priors.sampling import sample_novel_views
+
+        inputs, truth, pose = self.sample_views()
+        O, n = truth.shape[:2]
+        novel = sample_novel_views(self.prior(), inputs.repeat_interleave(n, 0), pose, steps=25,
+                                   guidance_scale=self.cfg.sample_guidance, generator=torch.Generator().manual_seed(0))
+        rows = torch.cat([inputs[None], novel.view(O, n, *novel.shape[1:]).transpose(0, 1), truth.transpose(0, 1)])
+        path = self.work / "samples" / f"step-{self.step:06d}.png"
+        save_image(path, image_grid(rows.reshape(-1, *rows.shape[2:]), nrow=O))  # [(1 + 2n) * O, h, w, 3]
+        return path
+
+    def export(self) -> Path:
+        """Write the EMA weights as a prior folder (atomically, as a whole)."""
+        import shutil
+        import tempfile
+
+        from gen3d.world.catalog import HELD_OUT
+
+        out = Path(self.cfg.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            m = self.ema_modules()
+            m["unet"].save_pretrained(tmp / "unet")
+            m["image"].save_pretrained(tmp / "image_encoder")
+            m["proj"].save_pretrained(tmp / "cc_projection")
+            self.scheduler.save_pretrained(tmp / "scheduler")
+            index = {"_class_name": "ViewConditionedPrior", "_diffusers_version": _diffusers_version(),
+                     "unet": ["diffusers", "UNet2DConditionModel"], "scheduler": ["diffusers", "DDPMScheduler"],
+                     "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+                     "cc_projection": ["gen3d.priors.view_conditioning", "CameraProjection"]}
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+            card = {"name": "gen3d/shapes-zero123", "trained_by": "gen3d world train-view-prior", "steps": self.step,
+                    "paper": "Zero-1-to-3 (Liu et al., 2023), shrunk: pixel space 32x32, encoders from scratch",
+                    "pose": "(delta elevation [rad], sin delta azimuth, cos delta azimuth, delta distance)",
+                    "guidance_scale": 3.0, "config": asdict(self.cfg), "held_out": [list(h) for h in HELD_OUT]}
+            (tmp / "gen3d_prior.json").write_text(json.dumps(card, indent=2))
+            old = out.with_name(f".{out.name}.old")
+            if out.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return out
+
+    def fit(self) -> Path:
+        cfg = self.cfg
+        if self.data is None:
+            self.build_data()
+        previous = signal.signal(signal.SIGINT, lambda *a: setattr(self, "_stop", True))
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, desc="train-view-prior", file=sys.stderr)
+        log = (self.work / "metrics.jsonl").open("a")
+        avg = None
+        try:
+            while self.step < cfg.steps:
+                loss = self.train_step()
+                avg = loss if avg is None else 0.98 * avg + 0.02 * loss
+                bar.update(1)
+                bar.set_postfix(loss=f"{avg:.4f}", refresh=False)
+                if self.step % 50 == 0:
+                    log.write(json.dumps({"step": self.step, "loss": loss, "loss_avg": avg, "lr": self.lr_at(self.step)}) + "\n")
+                    log.flush()
+                if cfg.sample_every and self.step % cfg.sample_every == 0:
+                    self.write_samples()
+                if self._stop or self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if self._stop:
+                    print(f"\ninterrupted at step {self.step}; resume with: gen3d world train-view-prior --resume "
+                          f"work_dir={cfg.work_dir}", file=sys.stderr)
+                    raise KeyboardInterrupt
+        finally:
+            bar.close()
+            log.close()
+            signal.signal(signal.SIGINT, previous)
+        self.save_checkpoint()
+        if cfg.sample_every:
+            self.write_samples()
+        return self.export()
+
+
+def cmd_world_train_view_prior(args: argparse.Namespace) -> int:
+    """``gen3d world train-view-prior [key=value ...] [--resume] [--show-config]``: args.overrides,
+    args.resume and args.show_config as for ``gen3d world train-prior``."""
+    from gen3d.config import apply_overrides, describe, from_dict
+
+    cfg = from_dict(ViewPriorTrainConfig, apply_overrides(ViewPriorTrainConfig, {}, args.overrides))
+    if args.show_config:
+        print("\n".join(describe(cfg)))
+        return 0
+    trainer = ViewPriorTrainer(cfg)
+    if args.resume and trainer.resume():
+        print(f"resumed at step {trainer.step} from {cfg.work_dir}", file=sys.stderr)
+    try:
+        out = trainer.fit()
+    except KeyboardInterrupt:
+        return 130
+    print(out)
+    return 0

@@ -169,6 +169,12 @@ def cmd_configs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lazy(module: str, name: str):
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
 def _output_dir(overrides: list[str]) -> str:
     for text in overrides:
         if text.startswith("output_dir="):
@@ -217,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in work_dir")
     train.add_argument("--show-config", action="store_true", help="print every setting with its meaning and exit")
     train.set_defaults(func=cmd_world_train_prior)
+    vtrain = wsub.add_parser("train-view-prior", help="train the embedded Zero123-style view-conditioned prior",
+                             description="Train the embedded view-conditioned prior from seed; overrides such as "
+                                         "steps=200 output=/tmp/view-prior; --show-config lists them.")
+    vtrain.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    vtrain.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in work_dir")
+    vtrain.add_argument("--show-config", action="store_true", help="print every setting with its meaning and exit")
+    vtrain.set_defaults(func=lambda args: _lazy("gen3d.world.train_view_prior", "cmd_world_train_view_prior")(args))
     catalog = wsub.add_parser("catalog", help="render every shape of the world into one picture")
     catalog.add_argument("--output", default="shapes_catalog.png", help="PNG to write")
     catalog.add_argument("--views", type=int, default=4, help="views per shape")

@@ -14,7 +14,7 @@ text-conditioned `DiffusionPrior`, `sample_novel_views` from a Zero-1-to-3-style
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -36,6 +36,7 @@ def ddim(eps_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, alphas_cumprod: 
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         eps = eps_fn(x, tt).float()
         x0 = ((x - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()).clamp(-1.0, 1.0)
+        eps = (x - abar[t].sqrt() * x0) / (1 - abar[t]).sqrt()  # the noise consistent with the clipped x0 (as diffusers)
         x = abar[s].sqrt() * x0 + (1 - abar[s]).sqrt() * eps if k < steps - 1 else x0
     return x
 
@@ -56,7 +57,7 @@ def sample_images(prior, prompts: list[str], steps: int = 25, guidance_scale: fl
         size = prior.latent_size
         x = torch.randn((len(chunk), channels, size, size), generator=generator).to(prior.device, torch.float32)
 
-        def eps_fn(x_t: Tensor, t: Tensor) -> Tensor:
+        def eps_fn(x_t: Tensor, t: Tensor, cond=cond, uncond=uncond) -> Tensor:
             return prior.predict_noise(x_t.to(prior.dtype), t, cond, uncond, guidance_scale).eps_guided
 
         out.append(prior.decode(ddim(eps_fn, x, prior.alphas_cumprod, prior.num_train_timesteps, steps)))
@@ -81,7 +82,7 @@ def sample_novel_views(prior, images: Tensor, poses: Tensor, steps: int = 25, gu
         size = prior.latent_size
         x = torch.randn((len(condition), channels, size, size), generator=generator).to(prior.device, torch.float32)
 
-        def eps_fn(x_t: Tensor, t: Tensor) -> Tensor:
+        def eps_fn(x_t: Tensor, t: Tensor, condition=condition) -> Tensor:
             return prior.predict_noise(x_t.to(prior.dtype), t, condition, guidance_scale).eps_guided
 
         out.append(prior.decode(ddim(eps_fn, x, prior.alphas_cumprod, prior.num_train_timesteps, steps)))

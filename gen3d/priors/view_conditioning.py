@@ -23,7 +23,9 @@ trained by ``gen3d world train-view-prior``). Deliberate differences from Zero12
 - `CameraProjection` builds the cross-attention tokens in one of two layouts (``tokens`` in its
   config): ``"single"`` is Zero123's one token ``Linear([image embedding ‖ pose])``; ``"patches"``
   is ``[image embedding + MLP(pose), the 16 patch tokens]``. See `gen3d.world.train_view_prior`
-  for which one the shipped model uses and why.
+  for which one the shipped model uses and why;
+- optionally (a UNet config with ``class_embed_type="projection"``) the pose is also added to the
+  timestep embedding, as MVDream does with its camera; `view_unet` passes it when the UNet has one.
 
 A model is a folder in diffusers pipeline layout::
 
@@ -102,7 +104,7 @@ class CameraProjection(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, image_dim: int = 64, patch_dim: int = 64, pose_dim: int = 4, token_dim: int = 64,
-                 hidden_dim: int = 128, tokens: str = "patches"):
+                 hidden_dim: int = 128, tokens: str = "single"):
         super().__init__()
         if tokens not in TOKEN_LAYOUTS:
             raise ValueError(f"CameraProjection: tokens must be one of {TOKEN_LAYOUTS}, got {tokens!r}")
@@ -117,7 +119,9 @@ class CameraProjection(ModelMixin, ConfigMixin):
                     nn.init.xavier_uniform_(self.proj.weight[:, :image_dim])
         else:
             if image_dim != token_dim:
-                raise ValueError(f"CameraProjection(tokens='patches'): image_dim {image_dim} must equal token_dim {token_dim}")
+                raise ValueError(
+                    f"CameraProjection(tokens='patches'): image_dim {image_dim} must equal token_dim {token_dim}"
+                )
             self.pose_mlp = nn.Sequential(nn.Linear(pose_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, token_dim))
             self.patch_proj = nn.Sequential(nn.LayerNorm(patch_dim), nn.Linear(patch_dim, token_dim))
 
@@ -142,6 +146,16 @@ def encode_view(image_encoder: nn.Module, cc_projection: CameraProjection, x: Te
     out = image_encoder(pixel_values=x)
     patches = out.last_hidden_state[:, 1:]  # [B, P, Dp] without the CLS token
     return out.image_embeds, patches, cc_projection(out.image_embeds, pose, patches)
+
+
+def view_unet(unet: nn.Module, x_t: Tensor, t: Tensor, view: Tensor, tokens: Tensor, pose: Tensor) -> Tensor:
+    """One UNet call: x_t and view ``[B, 3, h, w]``, t ``[B]``, tokens ``[B, L, D]``, pose ``[B, 4]`` -> ``[B, 3, h, w]``.
+
+    A dropped condition is a zero view, zero tokens and a zero pose. UNets built with
+    ``class_embed_type="projection"`` also get the pose added to their timestep embedding.
+    """
+    class_labels = pose if unet.config.class_embed_type is not None else None
+    return unet(torch.cat([x_t, view], 1), t, encoder_hidden_states=tokens, class_labels=class_labels).sample
 
 
 @dataclass
@@ -225,7 +239,7 @@ class ViewConditionedPrior:
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, model: str, *, device: str | torch.device = "cpu", dtype: str = "auto",
-                        download: bool = False, cache_dir: str | None = None) -> "ViewConditionedPrior":
+                        download: bool = False, cache_dir: str | None = None) -> ViewConditionedPrior:
         """Load ``gen3d/shapes-zero123`` (embedded) or a folder with the layout in the module docstring.
 
         Raises PriorNotAvailable with a one-line remedy when the model cannot be found or loaded.
@@ -258,7 +272,10 @@ class ViewConditionedPrior:
             raise PriorNotAvailable(f"prior {model!r}: cannot read {index_file}: {_first_line(exc)}") from exc
         parts: dict[str, Any] = {}
         for name in REQUIRED_COMPONENTS:
-            component_cls = _projection_class(model, index) if name == "cc_projection" else _component_class(model, index, name)
+            if name == "cc_projection":
+                component_cls = _projection_class(model, index)
+            else:
+                component_cls = _component_class(model, index, name)
             if component_cls is None:
                 raise PriorNotAvailable(
                     f"prior {model!r} has no '{name}' component in {index_file}; a view-conditioned prior needs "
@@ -321,8 +338,8 @@ class ViewConditionedPrior:
         """Classifier-free guided epsilon in one batched UNet call (Zero-1-to-3, Ho & Salimans 2022).
 
         ``eps_guided = eps_u + s * (eps_c - eps_u)``, s = `guidance_scale`; eps_c sees ``[x_t ‖ view]`` and
-        the condition's tokens, eps_u sees ``[x_t ‖ 0]`` and zero tokens (how the prior was trained to drop
-        its condition). x_t ``[B, 3, h, w]``, t ``[B]``, condition of batch B (or 1, broadcast).
+        the condition's tokens (and pose), eps_u sees ``[x_t ‖ 0]``, zero tokens and a zero pose (how the
+        prior was trained to drop its condition). x_t ``[B, 3, h, w]``, t ``[B]``, condition of batch B (or 1, broadcast).
         """
         B = x_t.shape[0]
         image, tokens = condition.image, condition.tokens
@@ -333,11 +350,14 @@ class ViewConditionedPrior:
                 f"ViewConditionedPrior: batch sizes differ: x_t {tuple(x_t.shape)}, t {tuple(t.shape)}, "
                 f"condition of {len(condition)}"
             )
+        pose = condition.pose.expand(B, -1) if len(condition) == 1 else condition.pose
         x_t = x_t.to(self.device, self.dtype)
-        views = torch.cat([image, torch.zeros_like(image)])  # [2B, 3, h, w]
-        inputs = torch.cat([torch.cat([x_t, x_t]), views], 1)  # [2B, 6, h, w]
-        text = torch.cat([tokens, torch.zeros_like(tokens)])  # [2B, L, D]
-        eps = self.unet(inputs, torch.cat([t, t]).to(self.device), encoder_hidden_states=text).sample.float()
+        eps = view_unet(
+            self.unet, torch.cat([x_t, x_t]), torch.cat([t, t]).to(self.device),
+            torch.cat([image, torch.zeros_like(image)]),  # [2B, 3, h, w]
+            torch.cat([tokens, torch.zeros_like(tokens)]),  # [2B, L, D]
+            torch.cat([pose, torch.zeros_like(pose)]),  # [2B, 4]
+        ).float()
         eps_c, eps_u = eps[:B], eps[B:]
         return NoisePrediction(eps_u + guidance_scale * (eps_c - eps_u), eps_c, eps_u)
 

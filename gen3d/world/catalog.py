@@ -182,6 +182,8 @@ class Shape:
 def _check_points(points: Tensor) -> None:
     if points.ndim != 2 or points.shape[-1] != 3:
         raise ValueError(f"points must be [P, 3], got {tuple(points.shape)}")
+    if not points.is_floating_point():
+        raise ValueError(f"points must be a floating point tensor, got {points.dtype}")
 
 
 DARK = (0.09, 0.09, 0.10)  # eyes, buttons, door handles: near black but not the black background
@@ -228,11 +230,11 @@ def _snowman(p: Tensor) -> Tensor:
 
 
 def _snowman_nose(p: Tensor) -> Tensor:  # a carrot along +x out of the head
-    return sd_cone(p, (0.22, 0, 0.4), 0.045, 0.0, 0.1, axis=0)
+    return sd_cone(p, (0.24, 0, 0.39), 0.055, 0.0, 0.12, axis=0)
 
 
 def _snowman_dots(p: Tensor) -> Tensor:  # eyes and buttons
-    eyes = [sd_sphere(p, (0.137, y, 0.455), 0.028) for y in (-0.06, 0.06)]
+    eyes = [sd_sphere(p, (0.132, y, 0.46), 0.032) for y in (-0.065, 0.065)]
     buttons = [sd_sphere(p, (0.22 * math.cos(a), 0, 0.1 + 0.22 * math.sin(a)), 0.026) for a in (0.35, -0.05, -0.45)]
     return union(*eyes, *buttons)
 
@@ -254,17 +256,17 @@ def _mushroom_stem(p: Tensor) -> Tensor:
 
 
 def _rocket(p: Tensor) -> Tensor:
-    body = sd_cylinder(p, (0, 0, -0.1), 0.15, 0.28)
-    nose = sd_cone(p, (0, 0, 0.34), 0.15, 0.0, 0.16)
+    body = sd_cylinder(p, (0, 0, -0.1), 0.17, 0.28)
+    nose = sd_cone(p, (0, 0, 0.34), 0.17, 0.0, 0.16)
     # four fins on the diagonals, so the front view shows two of them symmetrically
     u, v = (p[:, 0] + p[:, 1]) / math.sqrt(2), (p[:, 0] - p[:, 1]) / math.sqrt(2)
-    fin_profile = [(0.1, -0.48), (0.34, -0.48), (0.34, -0.38), (0.12, -0.1)]
+    fin_profile = [(0.12, -0.48), (0.36, -0.48), (0.36, -0.38), (0.14, -0.1)]
     fins = [sd_prism(torch.stack([a.abs(), b, p[:, 2]], -1), fin_profile, 0.018, axis=1) for a, b in ((u, v), (v, u))]
     return union(body, nose, *fins)
 
 
 def _rocket_porthole(p: Tensor) -> Tensor:
-    return sd_cylinder(p[:, [1, 2, 0]], (0, 0.05, 0.14), 0.065, 0.018)  # a disk facing +x
+    return sd_cylinder(p[:, [1, 2, 0]], (0, 0.06, 0.16), 0.09, 0.02)  # a disk facing +x
 
 
 def _tree(p: Tensor) -> Tensor:
@@ -273,10 +275,9 @@ def _tree(p: Tensor) -> Tensor:
 
 
 def _pyramid(p: Tensor) -> Tensor:
-    base, top, half = -0.4, 0.45, 0.38
-    n = torch.nn.functional.normalize(p.new_tensor([top - base, half]), dim=0)  # slanted face normal (out, up)
-    faces = [n[0] * (s * p[:, i] - half) + n[1] * (p[:, 2] - base) for i in (0, 1) for s in (1, -1)]
-    return intersection(*faces, base - p[:, 2])
+    # a square pyramid is the intersection of two triangular prisms, one along x and one along y
+    triangle = [(-0.38, -0.4), (0.38, -0.4), (0.0, 0.45)]
+    return intersection(sd_prism(p, triangle, 0.38, axis=0), sd_prism(p[:, [1, 0, 2]], triangle, 0.38, axis=0))
 
 
 SHAPES: dict[str, Shape] = {s.name: s for s in [
@@ -294,7 +295,7 @@ SHAPES: dict[str, Shape] = {s.name: s for s in [
     Shape("pyramid", ("pyramid",), _pyramid, rotational_symmetry=True, inside_point=(0, 0, -0.2)),
     Shape("mug", ("mug", "cup"), _mug, has_front=True, inside_point=(0.27, 0, -0.1)),
     Shape("house", ("house", "hut", "cottage"), _house, (_house_door, _house_windows),
-          ((0.32, 0.18, 0.08), (0.62, 0.8, 0.95)), has_front=True),
+          ((0.2, 0.11, 0.05), (0.62, 0.8, 0.95)), has_front=True),
     Shape("chair", ("chair",), _chair, has_front=True, inside_point=(0, 0, -0.05)),
     Shape("table", ("table", "desk"), _table, rotational_symmetry=True, inside_point=(0, 0, 0.1)),
     Shape("lamp", ("lamp",), _lamp_shade, (_lamp_stand,), ((0.32, 0.32, 0.34),), rotational_symmetry=True,

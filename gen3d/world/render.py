@@ -54,7 +54,7 @@ def camera_rays(cameras: Cameras) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def sphere_trace(sdf: Callable[[Tensor], Tensor], origins: Tensor, dirs: Tensor, radius: float = BOUND_RADIUS,
-                 max_steps: int = 100, eps: float = 1e-3) -> tuple[Tensor, Tensor]:
+                 max_steps: int = 100, eps: float = 3e-4) -> tuple[Tensor, Tensor]:
     """March rays [R, 3] (unit `dirs`) through `sdf` inside the sphere of `radius` at the origin.
 
     Returns t [R] (distance along each ray to the surface) and hit [R] bool.
@@ -110,7 +110,7 @@ def _background(background, C: int, device) -> Tensor:
 
 def render_sdf(sdf: Callable[[Tensor], Tensor], albedo: Callable[[Tensor], Tensor], cameras: Cameras,
                background=(1.0, 1.0, 1.0), light_dir: Sequence[float] = LIGHT_DIR, supersample: int = 1,
-               radius: float = BOUND_RADIUS, eps: float = 1e-3) -> RenderOutput:
+               radius: float = BOUND_RADIUS, eps: float = 3e-4) -> RenderOutput:
     """Render any SDF (points [P, 3] -> [P]) with an albedo function (points [P, 3] -> [P, 3]).
 
     supersample: render at s x s samples per pixel and average (antialiased rgb and fractional alpha;

@@ -237,10 +237,12 @@ class PriorTrainer:
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for grp in self.optimizer.param_groups for p in grp["params"]], 1.0)
         self.optimizer.step()
+        # EMA with the usual warm-up, so early averages are not dominated by the random initialization
+        decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
         with torch.no_grad():
             for k, v in self._params().items():
                 if v.dtype.is_floating_point:
-                    self.ema[k].lerp_(v, 1 - self.cfg.ema_decay)
+                    self.ema[k].lerp_(v, 1 - decay)
                 else:
                     self.ema[k].copy_(v)
         self.step += 1
@@ -295,15 +297,11 @@ class PriorTrainer:
 
     def export(self) -> Path:
         """Write the EMA weights as a diffusers pipeline folder (atomically, as a whole)."""
-        import shutil
-        import tempfile
-
+        from gen3d.io import atomic_folder
         from gen3d.world.catalog import HELD_OUT
 
         out = Path(self.cfg.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
+        with atomic_folder(out) as tmp:
             unet, text = self.ema_modules()
             unet.save_pretrained(tmp / "unet")
             text.save_pretrained(tmp / "text_encoder")
@@ -316,15 +314,6 @@ class PriorTrainer:
             card = {"name": "gen3d/shapes-t2i", "trained_by": "gen3d world train-prior", "steps": self.step,
                     "config": asdict(self.cfg), "held_out": [list(h) for h in HELD_OUT]}
             (tmp / "gen3d_prior.json").write_text(json.dumps(card, indent=2))
-            old = out.with_name(f".{out.name}.old")
-            if out.exists():
-                shutil.rmtree(old, ignore_errors=True)
-                out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         return out
 
     def fit(self) -> Path:

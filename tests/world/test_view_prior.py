@@ -14,8 +14,8 @@ from gen3d.priors.sampling import sample_novel_views
 from gen3d.priors.view_conditioning import CameraProjection, ViewConditionedPrior, relative_pose
 from gen3d.world.train_view_prior import PairBatch, ViewPriorTrainConfig, ViewPriorTrainer
 
-TINY = dict(steps=30, batch_size=4, views_per_object=4, max_objects=2, block_out_channels=[16, 16, 32], embed_dim=32,
-            image_layers=1, warmup=5, sample_every=0, checkpoint_every=1000, progress=False)
+TINY = {"steps": 30, "batch_size": 4, "views_per_object": 4, "max_objects": 2, "block_out_channels": [16, 16, 32],
+        "embed_dim": 32, "image_layers": 1, "warmup": 5, "sample_every": 0, "checkpoint_every": 1000, "progress": False}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -36,7 +36,8 @@ def views(tmp_path_factory):
 
 
 def _trainer(tmp_path, views, **overrides) -> ViewPriorTrainer:
-    cfg = ViewPriorTrainConfig(**{**TINY, "output": str(tmp_path / "prior"), "work_dir": str(tmp_path / "work"), **overrides})
+    paths = {"output": str(tmp_path / "prior"), "work_dir": str(tmp_path / "work")}
+    cfg = ViewPriorTrainConfig(**{**TINY, **paths, **overrides})
     trainer = ViewPriorTrainer(cfg)
     trainer.data = views
     return trainer
@@ -107,26 +108,44 @@ def test_trained_folder_loads_and_guides(trained):
     prior = ViewConditionedPrior.from_pretrained(str(trained))
     assert prior.resolution == 32 and prior.num_train_timesteps == 1000 and prior.alphas_cumprod.shape == (1000,)
     assert not any(p.requires_grad for p in prior.unet.parameters())
-    pose = relative_pose(15.0, 0.0, 2.2, 15.0, torch.tensor([0.0, 90.0, 180.0]), 2.2)
-    cond = prior.encode_condition(torch.rand(1, 48, 48, 3), pose)  # one image, three poses, resized
-    assert cond.image.shape == (3, 3, 32, 32) and cond.tokens.shape == (3, 17, 32)
-    x0 = prior.encode(torch.rand(3, 32, 32, 3))
-    t = torch.tensor([50, 400, 900])
-    x_t = prior.add_noise(x0, torch.randn_like(x0), t)
-    s = 3.0
-    out = prior.predict_noise(x_t, t, cond, guidance_scale=s)
-    with torch.no_grad():
-        eps_c = prior.unet(torch.cat([x_t, cond.image], 1), t, encoder_hidden_states=cond.tokens).sample
-        eps_u = prior.unet(torch.cat([x_t, torch.zeros_like(x_t)], 1), t,
-                           encoder_hidden_states=torch.zeros_like(cond.tokens)).sample
-    assert torch.allclose(out.eps_cond, eps_c, atol=1e-5) and torch.allclose(out.eps_uncond, eps_u, atol=1e-5)
-    assert torch.allclose(out.eps_guided, eps_u + s * (eps_c - eps_u), atol=1e-5)
+    cond = _check_guidance(prior)
+    assert cond.tokens.shape == (3, 1, 32)  # the default layout: Zero123's single token
     moved = prior.repose(cond, relative_pose(15.0, 0.0, 2.2, 15.0, torch.tensor([270.0, 90.0, 0.0]), 2.2))
     assert torch.allclose(moved.tokens[1], cond.tokens[1]) and not torch.allclose(moved.tokens[0], cond.tokens[0])
 
-    images = sample_novel_views(prior, torch.rand(2, 32, 32, 3), pose[:2], steps=2, generator=torch.Generator().manual_seed(0))
+    pose = relative_pose(15.0, 0.0, 2.2, 15.0, torch.tensor([90.0, 180.0]), 2.2)
+    images = sample_novel_views(prior, torch.rand(2, 32, 32, 3), pose, steps=2, generator=torch.Generator().manual_seed(0))
     assert images.shape == (2, 32, 32, 3) and 0 <= images.min() and images.max() <= 1
 
+
+@pytest.mark.parametrize("variant", [{"tokens": "patches"}, {"pose_embedding": True}])
+def test_other_layouts_export_load_and_guide(tmp_path, views, variant):
+    prior = ViewConditionedPrior.from_pretrained(str(_trainer(tmp_path, views, **variant).export()))
+    cond = _check_guidance(prior)
+    assert cond.tokens.shape == ((3, 17, 32) if variant.get("tokens") == "patches" else (3, 1, 32))
+    assert (prior.unet.class_embedding is not None) == bool(variant.get("pose_embedding"))
+
+
+def _check_guidance(prior, s: float = 3.0):
+    """predict_noise's guided epsilon is eps_u + s (eps_c - eps_u) of two separate UNet calls."""
+    pose = relative_pose(15.0, 0.0, 2.2, 15.0, torch.tensor([0.0, 90.0, 180.0]), 2.2)
+    cond = prior.encode_condition(torch.rand(1, 48, 48, 3), pose)  # one image, three poses, resized
+    assert cond.image.shape == (3, 3, 32, 32)
+    x0 = prior.encode(torch.rand(3, 32, 32, 3))
+    t = torch.tensor([50, 400, 900])
+    x_t = prior.add_noise(x0, torch.randn_like(x0), t)
+    out = prior.predict_noise(x_t, t, cond, guidance_scale=s)
+    embed = prior.unet.class_embedding is not None
+    with torch.no_grad():
+        eps_c = prior.unet(torch.cat([x_t, cond.image], 1), t, encoder_hidden_states=cond.tokens,
+                           class_labels=pose if embed else None).sample
+        eps_u = prior.unet(torch.cat([x_t, torch.zeros_like(x_t)], 1), t,
+                           encoder_hidden_states=torch.zeros_like(cond.tokens),
+                           class_labels=torch.zeros_like(pose) if embed else None).sample
+    assert torch.allclose(out.eps_cond, eps_c, atol=1e-5) and torch.allclose(out.eps_uncond, eps_u, atol=1e-5)
+    assert torch.allclose(out.eps_guided, eps_u + s * (eps_c - eps_u), atol=1e-5)
+    assert not torch.allclose(eps_c, eps_u, atol=1e-4)
+    return cond
 
 def test_resume_is_bit_exact(tmp_path, views):
     straight = _trainer(tmp_path / "a", views, steps=6)
@@ -147,13 +166,13 @@ def test_resume_is_bit_exact(tmp_path, views):
 
 def test_loss_decreases_on_a_fixed_pair(tmp_path, views):
     trainer = _trainer(tmp_path, views, lr=2e-3, warmup=1, steps=100, cond_dropout=0.0)
-    o, i, j = torch.zeros(8, dtype=torch.long), torch.zeros(8, dtype=torch.long), torch.ones(8, dtype=torch.long)
+    o, i, j = torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long), torch.ones(4, dtype=torch.long)
     d = views
     pose = relative_pose(d["elevation"][o, i], d["azimuth"][o, i], d["distance"][o, i],
                          d["elevation"][o, j], d["azimuth"][o, j], d["distance"][o, j])
-    batch = PairBatch(trainer.view(o, i), trainer.view(o, j), pose, torch.ones(8))
+    batch = PairBatch(trainer.view(o, i), trainer.view(o, j), pose, torch.ones(4))
     g = torch.Generator().manual_seed(5)
-    t, eps = torch.randint(0, 1000, (8,), generator=g), torch.randn(batch.targets.shape, generator=g)
+    t, eps = torch.randint(0, 1000, (4,), generator=g), torch.randn(batch.targets.shape, generator=g)
 
     def held_loss() -> float:
         with torch.no_grad():

@@ -1,0 +1,394 @@
+"""Quality of a 3D result against the Shapes-world object its prompt names.
+
+Any result is seen through one small protocol, `Query`: occupancy at points and renders from
+cameras. `ObjectQuery` wraps a ground-truth `WorldObject` in it (so GT vs GT is the sanity check).
+
+- `iou_3d`: voxel IoU, optionally after normalizing position and scale, best over azimuth for
+  shapes without a canonical heading.
+- `silhouette_iou`: mask IoU over a fixed set of views.
+- `color_error`: mean CIEDE2000 between rendered and ground-truth colors where both are foreground.
+- `multiview_consistency`: do a result's own renders agree with each other in 3D? (reprojection).
+- `sample_agreement`: for a prior's 2D samples, color and silhouette agreement with ground truth.
+
+Colors are compared in CIELAB with CIEDE2000 (Sharma, Wu and Dalal 2005, "The CIEDE2000
+color-difference formula: implementation notes, supplementary test data, and mathematical
+observations"), implemented here from that paper's equations; sRGB is converted with the IEC
+61966-2-1 transfer curve and D65 white. A CIEDE2000 of about 1 is a just-noticeable difference;
+the shading range of the renders alone spans tens of units, so compare errors between methods, not
+to zero.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+from gen3d.cameras import Cameras, spherical_cameras
+from gen3d.priors.prompts import view_directions
+from gen3d.rendering.types import RenderOutput
+from gen3d.world.catalog import WorldObject, parse_prompt
+from gen3d.world.render import render_object
+
+AZIMUTH_STEP = 15.0
+"""Spacing in degrees of the azimuth rotations tried by best-over-azimuth metrics."""
+
+
+class Query(Protocol):
+    """What the metrics need from a 3D result."""
+
+    def occupancy(self, points: Tensor) -> Tensor:
+        """[P] occupancy in [0, 1] (or a density, thresholded the same way) at points [P, 3]."""
+
+    def render(self, cameras: Cameras) -> RenderOutput:
+        """rgb, alpha and depth [C, H, W, *] from `cameras` (white background preferred)."""
+
+
+class ObjectQuery:
+    """A `WorldObject` seen as a `Query`: exact occupancy and ground-truth renders."""
+
+    def __init__(self, obj: WorldObject, background=(1.0, 1.0, 1.0), supersample: int = 1) -> None:
+        self.obj, self.background, self.supersample = obj, background, supersample
+
+    def occupancy(self, points: Tensor) -> Tensor:
+        return self.obj.occupancy(points).float()
+
+    def render(self, cameras: Cameras) -> RenderOutput:
+        return render_object(self.obj, cameras, self.background, supersample=self.supersample)
+
+
+# ----------------------------------------------------------------------------------------------
+# Color science
+
+
+def srgb_to_lab(rgb: Tensor) -> Tensor:
+    """CIELAB [..., 3] (D65) from sRGB [..., 3] in [0, 1]; computed in float64."""
+    c = rgb.double().clamp(0, 1)
+    linear = torch.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    M = c.new_tensor([[0.4124564, 0.3575761, 0.1804375],
+                      [0.2126729, 0.7151522, 0.0721750],
+                      [0.0193339, 0.1191920, 0.9503041]])
+    xyz = linear @ M.T / c.new_tensor([0.95047, 1.0, 1.08883])  # relative to the D65 white
+    delta = 6.0 / 29.0
+    f = torch.where(xyz > delta**3, xyz.clamp_min(1e-12) ** (1.0 / 3.0), xyz / (3 * delta**2) + 4.0 / 29.0)
+    return torch.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
+
+
+def ciede2000(lab1: Tensor, lab2: Tensor) -> Tensor:
+    """CIEDE2000 color difference [...] between CIELAB colors [..., 3] (kL = kC = kH = 1).
+
+    Sharma et al. 2005, equations (1)-(25); hue angles in degrees as in the paper.
+    """
+    lab1, lab2 = torch.broadcast_tensors(lab1.double(), lab2.double())
+    L1, a1, b1 = lab1.unbind(-1)
+    L2, a2, b2 = lab2.unbind(-1)
+    deg = math.pi / 180.0
+    c_bar7 = ((torch.hypot(a1, b1) + torch.hypot(a2, b2)) / 2) ** 7
+    G = 0.5 * (1 - torch.sqrt(c_bar7 / (c_bar7 + 25.0**7)))  # (4)
+    a1p, a2p = (1 + G) * a1, (1 + G) * a2  # (5)
+    C1p, C2p = torch.hypot(a1p, b1), torch.hypot(a2p, b2)  # (6)
+    h1p = torch.remainder(torch.atan2(b1, a1p) / deg, 360.0)  # (7); atan2(0, 0) = 0 as the paper asks
+    h2p = torch.remainder(torch.atan2(b2, a2p) / deg, 360.0)
+    chroma0 = (C1p * C2p) == 0
+    dLp, dCp = L2 - L1, C2p - C1p  # (8), (9)
+    dh = h2p - h1p
+    dh = torch.where(dh > 180, dh - 360, torch.where(dh < -180, dh + 360, dh))
+    dh = torch.where(chroma0, torch.zeros_like(dh), dh)  # (10)
+    dHp = 2 * torch.sqrt(C1p * C2p) * torch.sin(dh * deg / 2)  # (11)
+    Lbp, Cbp = (L1 + L2) / 2, (C1p + C2p) / 2  # (12), (13)
+    hsum = h1p + h2p
+    hbp = torch.where((h1p - h2p).abs() <= 180, hsum / 2, torch.where(hsum < 360, (hsum + 360) / 2, (hsum - 360) / 2))
+    hbp = torch.where(chroma0, hsum, hbp)  # (14)
+    T = (1 - 0.17 * torch.cos((hbp - 30) * deg) + 0.24 * torch.cos(2 * hbp * deg)
+         + 0.32 * torch.cos((3 * hbp + 6) * deg) - 0.20 * torch.cos((4 * hbp - 63) * deg))  # (15)
+    dtheta = 30 * torch.exp(-(((hbp - 275) / 25) ** 2))  # (16)
+    RC = 2 * torch.sqrt(Cbp**7 / (Cbp**7 + 25.0**7))  # (17)
+    SL = 1 + 0.015 * (Lbp - 50) ** 2 / torch.sqrt(20 + (Lbp - 50) ** 2)  # (18)
+    SC = 1 + 0.045 * Cbp  # (19)
+    SH = 1 + 0.015 * Cbp * T  # (20)
+    RT = -torch.sin(2 * dtheta * deg) * RC  # (21)
+    l, c, h = dLp / SL, dCp / SC, dHp / SH
+    return torch.sqrt((l * l + c * c + h * h + RT * c * h).clamp_min(0))  # (22)
+
+
+def delta_e(rgb1: Tensor, rgb2: Tensor) -> Tensor:
+    """CIEDE2000 [...] between sRGB colors [..., 3]."""
+    return ciede2000(srgb_to_lab(rgb1), srgb_to_lab(rgb2))
+
+
+# ----------------------------------------------------------------------------------------------
+# 3D
+
+
+def _grid(resolution: int, bound: float) -> Tensor:
+    """Voxel centers [R^3, 3] of a grid over [-bound, bound]^3."""
+    x = (torch.arange(resolution, dtype=torch.float32) + 0.5) / resolution * 2 * bound - bound
+    return torch.stack(torch.meshgrid(x, x, x, indexing="ij"), -1).reshape(-1, 3)
+
+
+def _chunked(fn, points: Tensor, chunk: int = 1 << 17) -> Tensor:
+    return torch.cat([torch.as_tensor(fn(points[i:i + chunk])).reshape(-1) for i in range(0, len(points), chunk)])
+
+
+def _center_and_scale(points: Tensor) -> tuple[Tensor, Tensor]:
+    """Center of mass [3] and RMS radius of a point set [P, 3]."""
+    center = points.mean(0)
+    return center, ((points - center) ** 2).sum(-1).mean().sqrt().clamp_min(1e-6)
+
+
+def _rotate_z(points: Tensor, degrees: float, about: Tensor) -> Tensor:
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    R = points.new_tensor([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+    return (points - about) @ R.T + about
+
+
+def _azimuths(obj: WorldObject, best_over_azimuth: bool | None, step: float) -> list[float]:
+    """Rotations to try: none; a quarter turn for symmetric shapes (all are at least 4-fold); or a full turn."""
+    if best_over_azimuth is None:
+        best_over_azimuth = obj.shape_def.rotational_symmetry
+        span = 90.0
+    else:
+        span = 360.0
+    if not best_over_azimuth:
+        return [0.0]
+    return [i * step for i in range(max(1, int(round(span / step))))]
+
+
+def _moments(fn, resolution: int, bound: float, threshold: float, samples: int) -> tuple[Tensor, Tensor]:
+    """Center of mass [3] and RMS radius of {fn > threshold}, from `samples` jittered grids.
+
+    Jittering each voxel's sample point makes the estimate unbiased; a fixed grid aliases thin parts
+    (a 2-voxel-thick chair seat) and biases the center by up to a voxel.
+    """
+    grid, h = _grid(resolution, bound), 2 * bound / resolution
+    g = torch.Generator().manual_seed(0)
+    points = torch.cat([grid + (torch.rand(grid.shape, generator=g) - 0.5) * h for _ in range(samples)])
+    occupied = _chunked(fn, points).float() > threshold
+    return _center_and_scale(points[occupied])
+
+
+def iou_3d(query: Query, obj: WorldObject, resolution: int = 64, threshold: float = 0.5, normalize: bool = True,
+           best_over_azimuth: bool | None = None, bound: float = 1.0, azimuth_step: float = AZIMUTH_STEP,
+           moment_samples: int = 4) -> float:
+    """Voxel IoU between `query` (occupancy > threshold) and `obj` on a grid over [-bound, bound]^3.
+
+    Voxels are occupied when their center is. normalize: compare shapes regardless of position and
+    size: the ground truth is moved and scaled so its center of mass and RMS radius (radius of
+    gyration, robust to a few stray voxels where a bounding radius is not) match the query's, both
+    estimated from `moment_samples` jittered grids; IoU is counted on the query's grid. Thin parts
+    (chair and table: 0.06 thick, 2 voxels at 64^3) make normalized IoU sensitive to sub-voxel
+    misalignment; raise `resolution` for them.
+    best_over_azimuth: None -> for shapes with `rotational_symmetry`, the best over a quarter turn;
+    True -> the best over a full turn (a result facing the wrong way); False -> as is. Rotations
+    are about the vertical axis through the ground truth's center, every `azimuth_step` degrees.
+    """
+    grid = _grid(resolution, bound)  # [R^3, 3]
+    occ_q = _chunked(query.occupancy, grid).float() > threshold  # [R^3]
+    if not occ_q.any():
+        return 0.0
+    points, about = grid, torch.zeros(3)
+    if normalize:
+        c_q, s_q = _moments(query.occupancy, resolution, bound, threshold, moment_samples)
+        c_g, s_g = _moments(obj.occupancy, resolution, bound, 0.5, moment_samples)
+        points, about = c_g + (grid - c_q) * (s_g / s_q), c_g  # query-grid voxels in the GT's frame
+    best = 0.0
+    for az in _azimuths(obj, best_over_azimuth, azimuth_step):
+        occ_g = _chunked(obj.occupancy, _rotate_z(points, -az, about) if az else points)
+        best = max(best, float((occ_q & occ_g).sum() / (occ_q | occ_g).sum()))
+    return best
+
+
+# ----------------------------------------------------------------------------------------------
+# Image-space
+
+
+def eval_cameras(size: int = 64, azimuths: int = 8, elevations: Sequence[float] = (10.0, 40.0),
+                 distance: float = 2.75, fovy: float = 45.0) -> Cameras:
+    """The fixed metric views: `azimuths` evenly spaced from the front, at each elevation."""
+    az = torch.arange(azimuths, dtype=torch.float32) * 360.0 / azimuths
+    az = (az + 180.0) % 360.0 - 180.0
+    el = torch.tensor(list(elevations), dtype=torch.float32)
+    A, E = az.repeat(len(el)), el.repeat_interleave(azimuths)
+    n = len(A)
+    return spherical_cameras(A, E, torch.full((n,), distance), torch.full((n,), fovy), size, size)
+
+
+def rotate_cameras(cameras: Cameras, degrees: float) -> Cameras:
+    """The cameras turned about the world z axis (rendering an object turned by -degrees)."""
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    R = torch.eye(4, dtype=cameras.c2w.dtype, device=cameras.device)
+    R[:2, :2] = torch.tensor([[c, -s], [s, c]])
+    az = (cameras.azimuth + degrees + 180.0) % 360.0 - 180.0
+    return replace(cameras, c2w=R @ cameras.c2w, azimuth=az)
+
+
+def _mask_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU [C] of boolean masks [C, ...] (1 where both are empty)."""
+    inter = (a & b).flatten(1).sum(1).float()
+    union = (a | b).flatten(1).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+
+
+def silhouette_iou(query: Query, obj: WorldObject, cameras: Cameras | None = None,
+                   best_over_azimuth: bool | None = None, azimuth_step: float = AZIMUTH_STEP) -> float:
+    """Mean over views of the IoU of the masks alpha > 0.5 (default views: `eval_cameras()`).
+
+    Not normalized: position and size count. best_over_azimuth as in `iou_3d` (the ground truth is
+    turned, the query rendered once).
+    """
+    cameras = eval_cameras() if cameras is None else cameras
+    mask_q = query.render(cameras).alpha[..., 0] > 0.5  # [C, H, W]
+    best = 0.0
+    for az in _azimuths(obj, best_over_azimuth, azimuth_step):
+        mask_g = render_object(obj, rotate_cameras(cameras, az) if az else cameras).alpha[..., 0] > 0.5
+        best = max(best, float(_mask_iou(mask_q, mask_g).mean()))
+    return best
+
+
+def color_error(query: Query, obj: WorldObject, cameras: Cameras | None = None) -> float:
+    """Mean CIEDE2000 between the query's and the ground truth's rendered rgb (default views: `eval_cameras()`).
+
+    Over pixels with alpha > 0.5 in both renders; NaN when there are none. The ground truth is the
+    shaded render (what the prior was trained to draw), so a result that baked the same shading
+    scores 0.
+    """
+    cameras = eval_cameras() if cameras is None else cameras
+    out_q, out_g = query.render(cameras), render_object(obj, cameras)
+    both = (out_q.alpha[..., 0] > 0.5) & (out_g.alpha[..., 0] > 0.5)  # [C, H, W]
+    if not both.any():
+        return float("nan")
+    return float(delta_e(out_q.rgb[both], out_g.rgb[both]).mean())
+
+
+@dataclass
+class MultiviewConsistency:
+    """How well a result's renders agree with each other (see `multiview_consistency`)."""
+
+    delta_e: float
+    """Mean CIEDE2000 between a surface point's color in one view and in its neighbouring view."""
+    matched_fraction: float
+    """Share of reprojected foreground pixels that land on foreground at the expected depth (occlusions lower it)."""
+
+
+def multiview_consistency(query: Query, cameras: Cameras | None = None, depth_tolerance: float = 0.03
+                          ) -> MultiviewConsistency:
+    """Reprojection consistency of the query's own renders.
+
+    Each foreground pixel (alpha > 0.5) of view i is lifted to 3D with its depth and projected into
+    the nearest other view j (by viewing direction). Where it lands on foreground whose depth
+    agrees within `depth_tolerance` (world units; otherwise it is occluded or the depths disagree),
+    its two colors are compared with CIEDE2000. A 3D result with view-independent color scores
+    near 0 (resampling at shading gradients and edges adds a little); colors painted per view,
+    e.g. by view-dependent spherical harmonics fitting each view's prompt, score high. Default
+    views: 16 azimuths at 15 degrees of elevation, 64 x 64.
+    """
+    if cameras is None:
+        cameras = eval_cameras(64, azimuths=16, elevations=(15.0,))
+    C = len(cameras)
+    if C < 2:
+        raise ValueError(f"multiview_consistency needs at least 2 cameras, got {C}")
+    out = query.render(cameras)
+    H, W = cameras.height, cameras.width
+    fwd = cameras.c2w[:, :3, 2]  # [C, 3] viewing directions
+    sim = fwd @ fwd.T - 3 * torch.eye(C)
+    neighbour = sim.argmax(1)  # [C]
+    j_, i_ = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
+    w2c = cameras.viewmats
+    errors, matched, total = [], 0, 0
+    for i in range(C):
+        j = int(neighbour[i])
+        fg = out.alpha[i, ..., 0] > 0.5  # [H, W]
+        if not fg.any():
+            continue
+        K = cameras.K[i]
+        z = out.depth[i, ..., 0][fg]  # [P]
+        x_cam = torch.stack([(i_[fg] - K[0, 2]) / K[0, 0] * z, (j_[fg] - K[1, 2]) / K[1, 1] * z, z], -1)  # [P, 3]
+        x_world = x_cam @ cameras.c2w[i, :3, :3].T + cameras.c2w[i, :3, 3]
+        y = x_world @ w2c[j, :3, :3].T + w2c[j, :3, 3]  # [P, 3] in camera j
+        uv = y @ cameras.K[j].T
+        u, v = uv[:, 0] / uv[:, 2].clamp_min(1e-6), uv[:, 1] / uv[:, 2].clamp_min(1e-6)
+        col, row = u.floor().long(), v.floor().long()
+        inside = (y[:, 2] > 0) & (col >= 0) & (col < W) & (row >= 0) & (row < H)
+        total += int(fg.sum())
+        col, row, y = col[inside], row[inside], y[inside]
+        ok = (out.alpha[j, row, col, 0] > 0.5) & ((out.depth[j, row, col, 0] - y[:, 2]).abs() < depth_tolerance)
+        matched += int(ok.sum())
+        if ok.any():
+            src = out.rgb[i][fg][inside][ok]
+            errors.append(delta_e(src, out.rgb[j, row[ok], col[ok]]))
+    mean_de = float(torch.cat(errors).mean()) if errors else float("nan")
+    return MultiviewConsistency(delta_e=mean_de, matched_fraction=matched / max(total, 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# 2D samples of a prior
+
+
+@dataclass
+class SampleAgreement:
+    """Agreement of one 2D sample with its prompt's ground truth."""
+
+    prompt: str
+    object: WorldObject | None
+    """The object the prompt names (None: not a Shapes-world prompt; the scores are then NaN)."""
+    color_delta_e: float
+    """CIEDE2000 between the mean Lab colors of the sample's foreground and of the best-matching view's."""
+    silhouette_iou: float
+    """IoU of the sample's foreground with the best-matching ground-truth view."""
+
+
+def _reference_views(size_h: int, size_w: int) -> Cameras:
+    """Ground-truth views for `sample_agreement`: 12 azimuths x 3 elevations x 2 distances."""
+    az = torch.arange(12, dtype=torch.float32) * 30.0
+    az = (az + 180.0) % 360.0 - 180.0
+    grid = torch.cartesian_prod(az, torch.tensor([0.0, 20.0, 40.0]), torch.tensor([2.5, 3.0]))
+    n = len(grid)
+    return spherical_cameras(grid[:, 0], grid[:, 1], grid[:, 2], torch.full((n,), 45.0), size_w, size_h)
+
+
+def sample_agreement(images: Tensor, prompts: Sequence[str], background=(1.0, 1.0, 1.0),
+                     foreground_threshold: float = 0.12) -> list[SampleAgreement]:
+    """Score a prior's samples images [N, H, W, 3] (in [0, 1]) against their prompts' ground truth.
+
+    Foreground: pixels whose largest channel difference from `background` exceeds
+    `foreground_threshold`. The ground truth is rendered from `_reference_views` (12 azimuths x
+    elevations 0/20/40 x distances 2.5/3.0, fovy 45); when the prompt ends in a view word
+    ("..., side view"), only the views of that direction (`view_directions`) count, so the silhouette
+    score also checks the view. Color: mean Lab over the foreground, sample vs the ground-truth view
+    whose silhouette matches best (so shading differences between views do not count).
+    """
+    if images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] != len(prompts):
+        raise ValueError(f"images must be [N, H, W, 3] with N = len(prompts) = {len(prompts)}, "
+                         f"got {tuple(images.shape)}")
+    N, H, W, _ = images.shape
+    bg = torch.as_tensor(background, dtype=torch.float32)
+    cams = _reference_views(H, W)
+    directions = view_directions(cams.azimuth, cams.elevation)
+    gt_cache: dict[WorldObject, RenderOutput] = {}
+    results = []
+    for n, prompt in enumerate(prompts):
+        obj = parse_prompt(prompt)
+        if obj is None:
+            results.append(SampleAgreement(prompt, None, float("nan"), float("nan")))
+            continue
+        if obj not in gt_cache:
+            gt_cache[obj] = render_object(obj, cams, background=bg)
+        gt = gt_cache[obj]
+        words = prompt.replace(",", " ").split()
+        wanted = [d for d in ("front", "side", "back", "overhead") if d in words[-2:]]
+        views = [k for k, d in enumerate(directions) if not wanted or d == wanted[0]] or list(range(len(cams)))
+        mask_g = gt.alpha[views, ..., 0] > 0.5  # [V, H, W]
+        mask_s = (images[n].float() - bg).abs().amax(-1) > foreground_threshold  # [H, W]
+        ious = _mask_iou(mask_s.expand_as(mask_g), mask_g)  # [V]
+        best = int(ious.argmax())
+        iou = float(ious[best])
+        if mask_s.any():
+            lab_g = srgb_to_lab(gt.rgb[views[best]][mask_g[best]]).mean(0)
+            color = float(ciede2000(srgb_to_lab(images[n][mask_s]).mean(0), lab_g))
+        else:
+            color = float("nan")
+        results.append(SampleAgreement(prompt, obj, color, iou))
+    return results

@@ -39,11 +39,13 @@ def held_out_prompts() -> list[str]:
 def score(query, obj) -> dict[str, float]:
     from gen3d.world import metrics
 
+    mv = metrics.multiview_consistency(query)
     return {
         "iou_3d": float(metrics.iou_3d(query, obj)),
         "silhouette_iou": float(metrics.silhouette_iou(query, obj)),
         "color_error": float(metrics.color_error(query, obj)),
-        "consistency": float(metrics.multiview_consistency(query)),
+        "consistency_delta_e": float(mv.delta_e),
+        "consistency_matched": float(mv.matched_fraction),
     }
 
 
@@ -76,9 +78,13 @@ def run_prompt(prompt: str, overrides: list[str], out_dir: Path) -> dict:
 def summarize(rows: list[dict]) -> dict:
     if not rows:
         return {}
-    keys = ["seconds", "iou_3d", "silhouette_iou", "color_error", "consistency"]
-    out = {f"mean_{k}": round(statistics.mean(r[k] for r in rows), 4) for k in keys}
-    out.update({f"init_mean_{k}": round(statistics.mean(r["init"][k] for r in rows), 4) for k in keys[1:]})
+    keys = ["seconds", "iou_3d", "silhouette_iou", "color_error", "consistency_delta_e", "consistency_matched"]
+    def mean(values):
+        values = [v for v in values if v == v]  # color error is NaN when nothing overlaps
+        return round(statistics.mean(values), 4) if values else float("nan")
+
+    out = {f"mean_{k}": mean(r[k] for r in rows) for k in keys}
+    out.update({f"init_mean_{k}": mean(r["init"][k] for r in rows) for k in keys[1:]})
     out["n"] = len(rows)
     return out
 

@@ -8,9 +8,10 @@ Signed distances. Primitives (sphere, box, capped cylinder, torus, capsule, revo
 convex polygons) are exact. Composites use ``min`` (union), ``max`` (intersection) and
 ``max(a, -b)`` (subtraction); these keep the function 1-Lipschitz, so sphere tracing stays safe,
 but they are exact only outside unions (inside, and near the edges of intersections, the value is a
-lower bound on the true distance). Shapes that are exact everywhere outside: sphere, cube,
-cylinder, cone, torus, capsule, chair, table, lamp, snowman, tree. Bounds only (intersections):
-pyramid (planes), mug (hollowed, clipped handle), house (roof), mushroom (cap), rocket (fins).
+lower bound on the true distance). Exact everywhere outside (unions of exact parts): sphere, cube,
+cylinder, cone, torus, capsule, house, chair, table, lamp, snowman, rocket, tree. Lower bounds
+near their intersections: pyramid (two crossed prisms), mug (hollowed, clipped handle), mushroom
+(clipped cap). All are 1-Lipschitz (tested), so every one is safe to sphere trace.
 
 Parts and colors. A shape is a main part, painted in the object's color, and optional detail parts
 with fixed colors (a door, a nose, eyes). A surface point belongs to the part with the smallest
@@ -19,7 +20,8 @@ unambiguous. A detail may coincide with an object color (an orange snowman's car
 the main body still carries the color.
 
 Fronts (`has_front`). mug: handle on +y, so the front view shows the body with the handle in profile
-on the right and the back view shows it on the left; house: gable end with a door and two windows on
+on the right and the back view shows it on the left (mirror images: for a mug only the handle's side
+tells front from back); house: gable end with a door and two windows on
 +x, blank back wall; chair: open front, backrest on -x; snowman: carrot nose, eyes and buttons on
 +x; rocket: porthole on +x. The other shapes have no canonical heading about z (continuous or
 four-fold symmetry): `rotational_symmetry` is True and 3D metrics take the best score over azimuth.
@@ -35,8 +37,8 @@ from __future__ import annotations
 import math
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -95,15 +97,19 @@ def sd_capsule(p: Tensor, a, b, radius: float) -> Tensor:
 
 
 def _sd_polygon2d(q: Tensor, verts) -> Tensor:
-    """Exact signed distance from q [P, 2] to a convex polygon with counter-clockwise `verts` [V, 2]."""
-    v = q.new_tensor(verts)  # [V, 2]
-    e = v.roll(-1, 0) - v  # [V, 2] edges
-    w = q[:, None] - v[None]  # [P, V, 2]
-    h = ((w * e).sum(-1) / (e * e).sum(-1).clamp_min(1e-12)).clamp(0, 1)  # [P, V]
-    dist = (w - h[..., None] * e).norm(dim=-1).amin(dim=1)  # [P]
-    cross = e[None, :, 0] * w[..., 1] - e[None, :, 1] * w[..., 0]  # [P, V], > 0 left of each edge
-    inside = (cross >= 0).all(dim=1)
-    return torch.where(inside, -dist, dist)
+    """Exact signed distance from q [P, 2] to a convex polygon with counter-clockwise `verts` [(x, y), ...]."""
+    x, y = q[:, 0], q[:, 1]
+    d2 = inside = None
+    for (ax, ay), (bx, by) in zip(verts, [*verts[1:], verts[0]]):
+        ex, ey = bx - ax, by - ay
+        wx, wy = x - ax, y - ay
+        h = ((wx * ex + wy * ey) / max(ex * ex + ey * ey, 1e-12)).clamp(0, 1)  # [P] nearest point on the edge
+        e2 = (wx - h * ex).square() + (wy - h * ey).square()
+        left = ex * wy - ey * wx >= 0  # inside of a counter-clockwise edge
+        d2 = e2 if d2 is None else torch.minimum(d2, e2)
+        inside = left if inside is None else inside & left
+    d = d2.sqrt()
+    return torch.where(inside, -d, d)
 
 
 def sd_revolved(p: Tensor, profile, center=(0.0, 0.0, 0.0), axis: int = 2) -> Tensor:
@@ -121,9 +127,24 @@ def sd_revolved(p: Tensor, profile, center=(0.0, 0.0, 0.0), axis: int = 2) -> Te
 
 
 def sd_cone(p: Tensor, center, r_bottom: float, r_top: float, half_height: float, axis: int = 2) -> Tensor:
-    """Capped cone (frustum) along `axis`: radius `r_bottom` at -half_height, `r_top` at +half_height."""
-    profile = [(0.0, -half_height), (r_bottom, -half_height), (r_top, half_height), (0.0, half_height)]
-    return sd_revolved(p, profile, center, axis)
+    """Capped cone (frustum) along `axis`: radius `r_bottom` at -half_height, `r_top` at +half_height (exact).
+
+    In the (radius, height) half-plane the boundary is the two caps and the slanted side; the axis is
+    not boundary, so the distance is the nearest of those three segments.
+    """
+    q = p - _v(p, center)
+    other = [i for i in range(3) if i != axis]
+    rho, y = q[:, other].norm(dim=-1), q[:, axis]  # [P]
+    h = half_height
+    bottom = (rho - r_bottom).clamp_min(0).square() + (y + h).square()
+    top = (rho - r_top).clamp_min(0).square() + (y - h).square()
+    ex, ey = r_top - r_bottom, 2 * h  # side segment from (r_bottom, -h) to (r_top, h)
+    wx, wy = rho - r_bottom, y + h
+    t = ((wx * ex + wy * ey) / (ex * ex + ey * ey)).clamp(0, 1)
+    side = (wx - t * ex).square() + (wy - t * ey).square()
+    d = torch.minimum(torch.minimum(bottom, top), side).sqrt()
+    inside = (y.abs() <= h) & (ex * wy - ey * wx >= 0)  # between the caps and left of the upward side
+    return torch.where(inside, -d, d)
 
 
 def sd_prism(p: Tensor, triangle, half_length: float, axis: int = 0) -> Tensor:

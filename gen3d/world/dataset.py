@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -58,7 +59,7 @@ class RenderSet:
         return self.images.shape[0]
 
     def save(self, path: str | Path, key: str = "") -> None:
-        """Write the set to an `.npz` file (images as uint8 would lose alpha edges; they stay float16)."""
+        """Write the set to an `.npz` file (images and alphas as float16, written atomically)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp.npz")
@@ -72,7 +73,7 @@ class RenderSet:
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: str | Path) -> "RenderSet":
+    def load(cls, path: str | Path) -> RenderSet:
         with np.load(path) as z:
             return cls(
                 images=torch.from_numpy(z["images"]).float(), alphas=torch.from_numpy(z["alphas"]).float(),
@@ -142,8 +143,8 @@ def build_renders(
         out = render_object(obj, cams, background=bg, supersample=supersample)
         parts.append((out.rgb, out.alpha, captions, [obj] * V, azimuth, elevation, distance, fovy, directions, bg))
 
-    cat = lambda i: torch.cat([p[i] for p in parts])  # noqa: E731
-    flat = lambda i: [x for p in parts for x in p[i]]  # noqa: E731
+    cat = lambda i: torch.cat([p[i] for p in parts])
+    flat = lambda i: [x for p in parts for x in p[i]]
     renders = RenderSet(images=cat(0), alphas=cat(1), captions=flat(2), objects=flat(3), azimuth=cat(4),
                         elevation=cat(5), distance=cat(6), fovy=cat(7), directions=flat(8), backgrounds=cat(9))
     if cache is not None:

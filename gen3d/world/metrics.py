@@ -21,8 +21,9 @@ to zero.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -31,7 +32,7 @@ from gen3d.cameras import Cameras, spherical_cameras
 from gen3d.priors.prompts import view_directions
 from gen3d.rendering.types import RenderOutput
 from gen3d.world.catalog import WorldObject, parse_prompt
-from gen3d.world.render import render_object
+from gen3d.world.render import render_object, sdf_threads
 
 AZIMUTH_STEP = 15.0
 """Spacing in degrees of the azimuth rotations tried by best-over-azimuth metrics."""
@@ -54,7 +55,7 @@ class ObjectQuery:
         self.obj, self.background, self.supersample = obj, background, supersample
 
     def occupancy(self, points: Tensor) -> Tensor:
-        return self.obj.occupancy(points).float()
+        return _gt_occupancy(self.obj, points).float()
 
     def render(self, cameras: Cameras) -> RenderOutput:
         return render_object(self.obj, cameras, self.background, supersample=self.supersample)
@@ -133,6 +134,11 @@ def _chunked(fn, points: Tensor, chunk: int = 1 << 17) -> Tensor:
     return torch.cat([torch.as_tensor(fn(points[i:i + chunk])).reshape(-1) for i in range(0, len(points), chunk)])
 
 
+def _gt_occupancy(obj: WorldObject, points: Tensor) -> Tensor:
+    with sdf_threads():
+        return _chunked(obj.occupancy, points)
+
+
 def _center_and_scale(points: Tensor) -> tuple[Tensor, Tensor]:
     """Center of mass [3] and RMS radius of a point set [P, 3]."""
     center = points.mean(0)
@@ -154,10 +160,11 @@ def _azimuths(obj: WorldObject, best_over_azimuth: bool | None, step: float) -> 
         span = 360.0
     if not best_over_azimuth:
         return [0.0]
-    return [i * step for i in range(max(1, int(round(span / step))))]
+    return [i * step for i in range(max(1, round(span / step)))]
 
 
-def _moments(fn, resolution: int, bound: float, threshold: float, samples: int) -> tuple[Tensor, Tensor]:
+def _moments(fn: Callable[[Tensor], Tensor], resolution: int, bound: float, threshold: float,
+             samples: int) -> tuple[Tensor, Tensor]:
     """Center of mass [3] and RMS radius of {fn > threshold}, from `samples` jittered grids.
 
     Jittering each voxel's sample point makes the estimate unbiased; a fixed grid aliases thin parts
@@ -165,8 +172,8 @@ def _moments(fn, resolution: int, bound: float, threshold: float, samples: int) 
     """
     grid, h = _grid(resolution, bound), 2 * bound / resolution
     g = torch.Generator().manual_seed(0)
-    points = torch.cat([grid + (torch.rand(grid.shape, generator=g) - 0.5) * h for _ in range(samples)])
-    occupied = _chunked(fn, points).float() > threshold
+    points = torch.cat([grid, *(grid + (torch.rand(grid.shape, generator=g) - 0.5) * h for _ in range(samples))])
+    occupied = fn(points).float() > threshold  # the unjittered grid too, so a tiny set is never missed
     return _center_and_scale(points[occupied])
 
 
@@ -191,12 +198,12 @@ def iou_3d(query: Query, obj: WorldObject, resolution: int = 64, threshold: floa
         return 0.0
     points, about = grid, torch.zeros(3)
     if normalize:
-        c_q, s_q = _moments(query.occupancy, resolution, bound, threshold, moment_samples)
-        c_g, s_g = _moments(obj.occupancy, resolution, bound, 0.5, moment_samples)
+        c_q, s_q = _moments(lambda p: _chunked(query.occupancy, p), resolution, bound, threshold, moment_samples)
+        c_g, s_g = _moments(lambda p: _gt_occupancy(obj, p), resolution, bound, 0.5, moment_samples)
         points, about = c_g + (grid - c_q) * (s_g / s_q), c_g  # query-grid voxels in the GT's frame
     best = 0.0
     for az in _azimuths(obj, best_over_azimuth, azimuth_step):
-        occ_g = _chunked(obj.occupancy, _rotate_z(points, -az, about) if az else points)
+        occ_g = _gt_occupancy(obj, _rotate_z(points, -az, about) if az else points)
         best = max(best, float((occ_q & occ_g).sum() / (occ_q | occ_g).sum()))
     return best
 
@@ -335,7 +342,8 @@ class SampleAgreement:
     object: WorldObject | None
     """The object the prompt names (None: not a Shapes-world prompt; the scores are then NaN)."""
     color_delta_e: float
-    """CIEDE2000 between the mean Lab colors of the sample's foreground and of the best-matching view's."""
+    """CIEDE2000 between the mean Lab colors of the sample's foreground and of the best-matching view's
+    (the closest in color among the views whose silhouette IoU is within 0.05 of the best)."""
     silhouette_iou: float
     """IoU of the sample's foreground with the best-matching ground-truth view."""
 
@@ -358,12 +366,13 @@ def sample_agreement(images: Tensor, prompts: Sequence[str], background=(1.0, 1.
     elevations 0/20/40 x distances 2.5/3.0, fovy 45); when the prompt ends in a view word
     ("..., side view"), only the views of that direction (`view_directions`) count, so the silhouette
     score also checks the view. Color: mean Lab over the foreground, sample vs the ground-truth view
-    whose silhouette matches best (so shading differences between views do not count).
+    whose silhouette matches best (so shading differences between views do not count; among views
+    within 0.05 of the best IoU, the closest in color).
     """
     if images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] != len(prompts):
         raise ValueError(f"images must be [N, H, W, 3] with N = len(prompts) = {len(prompts)}, "
                          f"got {tuple(images.shape)}")
-    N, H, W, _ = images.shape
+    H, W = images.shape[1:3]
     bg = torch.as_tensor(background, dtype=torch.float32)
     cams = _reference_views(H, W)
     directions = view_directions(cams.azimuth, cams.elevation)
@@ -383,12 +392,12 @@ def sample_agreement(images: Tensor, prompts: Sequence[str], background=(1.0, 1.
         mask_g = gt.alpha[views, ..., 0] > 0.5  # [V, H, W]
         mask_s = (images[n].float() - bg).abs().amax(-1) > foreground_threshold  # [H, W]
         ious = _mask_iou(mask_s.expand_as(mask_g), mask_g)  # [V]
-        best = int(ious.argmax())
-        iou = float(ious[best])
+        iou = float(ious.max())
+        color = float("nan")
         if mask_s.any():
-            lab_g = srgb_to_lab(gt.rgb[views[best]][mask_g[best]]).mean(0)
-            color = float(ciede2000(srgb_to_lab(images[n][mask_s]).mean(0), lab_g))
-        else:
-            color = float("nan")
+            lab_s = srgb_to_lab(images[n][mask_s]).mean(0)
+            # symmetric shapes tie on silhouette: among the near-best views, the closest in color
+            close = [k for k in range(len(views)) if ious[k] >= iou - 0.05 and mask_g[k].any()]
+            color = min(float(ciede2000(lab_s, srgb_to_lab(gt.rgb[views[k]][mask_g[k]]).mean(0))) for k in close)
         results.append(SampleAgreement(prompt, obj, color, iou))
     return results

@@ -8,11 +8,22 @@ import torch
 
 from gen3d.priors.prompts import DIRECTIONS
 from gen3d.world import catalog
-from gen3d.world.metrics import delta_e
 from gen3d.world.catalog import (
-    BOUND_RADIUS, COLORS, HELD_OUT, SHAPES, TEMPLATES, WorldObject, all_captions, all_objects, caption,
-    held_out_objects, parse_prompt, training_objects, vocabulary,
+    BOUND_RADIUS,
+    COLORS,
+    HELD_OUT,
+    SHAPES,
+    TEMPLATES,
+    WorldObject,
+    all_captions,
+    all_objects,
+    caption,
+    held_out_objects,
+    parse_prompt,
+    training_objects,
+    vocabulary,
 )
+from gen3d.world.metrics import delta_e
 
 
 def _sphere_points(n: int, radius: float) -> torch.Tensor:
@@ -110,7 +121,7 @@ def test_captions_are_random_over_templates_and_deterministic():
     assert a == [caption("mug", "red", g2) for _ in range(50)]
     assert len(set(a)) > 10 and set(a) <= set(all_captions("mug", "red"))
     r = random.Random(0)
-    assert set(caption("cube", "gray", r) for _ in range(50)) <= set(all_captions("cube", "gray"))
+    assert {caption("cube", "gray", r) for _ in range(50)} <= set(all_captions("cube", "gray"))
     assert len(TEMPLATES) >= 4
 
 
@@ -140,3 +151,11 @@ def test_held_out_pairs():
     assert len(training) == len(all_objects()) - len(HELD_OUT)
     assert {(o.color, o.shape) for o in held_out_objects()} == set(HELD_OUT)
     assert len(SHAPES) >= 12
+
+
+def test_closed_form_cone_matches_the_revolved_polygon():
+    p = torch.rand(20000, 3, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    for r1, r2, h in [(0.42, 0.0, 0.46), (0.36, 0.2, 0.2), (0.1, 0.4, 0.3)]:
+        closed = catalog.sd_cone(p, (0.1, 0.0, 0.05), r1, r2, h)
+        revolved = catalog.sd_revolved(p, [(0.0, -h), (r1, -h), (r2, h), (0.0, h)], (0.1, 0.0, 0.05))
+        assert torch.allclose(closed, revolved, atol=1e-6)

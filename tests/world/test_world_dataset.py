@@ -4,14 +4,14 @@ import pytest
 import torch
 
 from gen3d.priors.prompts import view_directions
-from gen3d.world import dataset as dataset_module
 from gen3d.world import WorldObject, build_renders, iterate_batches, parse_prompt
+from gen3d.world import dataset as dataset_module
 
 OBJECTS = [WorldObject("mug", "red"), WorldObject("house", "blue"), WorldObject("sphere", "gray")]
 
 
 def _build(**kw):
-    args = dict(objects=OBJECTS, views_per_object=6, size=16, seed=0, supersample=1)
+    args = {"objects": OBJECTS, "views_per_object": 6, "size": 16, "seed": 0, "supersample": 1}
     args.update(kw)
     return build_renders(**args)
 

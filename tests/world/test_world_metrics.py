@@ -8,8 +8,17 @@ import torch
 
 from gen3d.cameras import spherical_cameras
 from gen3d.world import (
-    ObjectQuery, WorldObject, ciede2000, color_error, eval_cameras, iou_3d, multiview_consistency, render_object,
-    sample_agreement, silhouette_iou, srgb_to_lab,
+    ObjectQuery,
+    WorldObject,
+    ciede2000,
+    color_error,
+    eval_cameras,
+    iou_3d,
+    multiview_consistency,
+    render_object,
+    sample_agreement,
+    silhouette_iou,
+    srgb_to_lab,
 )
 from gen3d.world.render import render_sdf
 
@@ -119,10 +128,10 @@ def test_best_over_azimuth_fixes_a_turned_shape():
     turned = _rotated(cube, 30.0)
     assert iou_3d(turned, cube, resolution=40, best_over_azimuth=False) < 0.9
     assert iou_3d(turned, cube, resolution=40) > 0.97  # symmetric shapes: best over azimuth by default
-    mug = WorldObject("mug", "red")
-    backwards = _rotated(mug, 180.0)
-    assert iou_3d(backwards, mug, resolution=40) < 0.8  # a front matters by default
-    assert iou_3d(backwards, mug, resolution=40, best_over_azimuth=True) > 0.97
+    chair = WorldObject("chair", "red")
+    backwards = _rotated(chair, 180.0)
+    assert iou_3d(backwards, chair, resolution=40) < 0.8  # a front matters by default
+    assert iou_3d(backwards, chair, resolution=40, best_over_azimuth=True) > 0.97
     cams = eval_cameras(24, azimuths=4, elevations=(20.0,))
     assert silhouette_iou(turned, cube, cams, best_over_azimuth=False) < 0.95
     assert silhouette_iou(turned, cube, cams) > 0.97

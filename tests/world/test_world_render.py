@@ -86,3 +86,9 @@ def test_contact_sheet_layout():
     sheet = contact_sheet([WorldObject("mug", "red"), WorldObject("cone", "blue")], orbit_cameras(3, width=16, height=16),
                           supersample=1)
     assert sheet.shape == (32, 48, 3)
+
+
+def test_rendering_restores_the_thread_setting():
+    before = torch.get_num_threads()
+    render_object(WorldObject("cone", "green"), orbit_cameras(1, width=8, height=8))
+    assert torch.get_num_threads() == before

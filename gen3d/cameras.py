@@ -17,7 +17,6 @@ Convention (used by every renderer, prior and exporter):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import torch

@@ -128,15 +128,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_world_train_prior(args: argparse.Namespace) -> int:
+def cmd_world_train(args: argparse.Namespace) -> int:
+    """`gen3d world train-prior` / `train-view-prior`: one trainer, configured by overrides, resumable."""
     from gen3d.config import apply_overrides, describe, from_dict
-    from gen3d.world.train_prior import PriorTrainConfig, PriorTrainer
 
-    cfg = from_dict(PriorTrainConfig, apply_overrides(PriorTrainConfig, {}, args.overrides))
+    module, config_name, trainer_name = args.trainer
+    config_cls, trainer_cls = _lazy(module, config_name), _lazy(module, trainer_name)
+    cfg = from_dict(config_cls, apply_overrides(config_cls, {}, args.overrides))
     if args.show_config:
         print("\n".join(describe(cfg)))
         return 0
-    trainer = PriorTrainer(cfg)
+    trainer = trainer_cls(cfg)
     if args.resume and trainer.resume():
         print(f"resumed at step {trainer.step} from {cfg.work_dir}", file=sys.stderr)
     try:
@@ -216,20 +218,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     world = sub.add_parser("world", help="the embedded Shapes world: catalog pictures, prior training")
     wsub = world.add_subparsers(dest="world_verb", metavar="<world-verb>", required=True)
-    train = wsub.add_parser("train-prior", help="train the embedded text-to-image prior (reproduces the shipped weights)",
-                            description="Train the embedded text-to-image prior from seed; overrides such as "
-                                        "steps=200 output=/tmp/prior; --show-config lists them.")
-    train.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in work_dir")
-    train.add_argument("--show-config", action="store_true", help="print every setting with its meaning and exit")
-    train.set_defaults(func=cmd_world_train_prior)
-    vtrain = wsub.add_parser("train-view-prior", help="train the embedded Zero123-style view-conditioned prior",
-                             description="Train the embedded view-conditioned prior from seed; overrides such as "
-                                         "steps=200 output=/tmp/view-prior; --show-config lists them.")
-    vtrain.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    vtrain.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in work_dir")
-    vtrain.add_argument("--show-config", action="store_true", help="print every setting with its meaning and exit")
-    vtrain.set_defaults(func=lambda args: _lazy("gen3d.world.train_view_prior", "cmd_world_train_view_prior")(args))
+    trainers = {
+        "train-prior": ("gen3d.world.train_prior", "PriorTrainConfig", "PriorTrainer",
+                        "train the embedded text-to-image prior (reproduces the shipped weights)"),
+        "train-view-prior": ("gen3d.world.train_view_prior", "ViewPriorTrainConfig", "ViewPriorTrainer",
+                             "train the embedded Zero123-style view-conditioned prior"),
+    }
+    for verb, (module, config_name, trainer_name, text) in trainers.items():
+        train = wsub.add_parser(verb, help=text, description=f"{text[0].upper()}{text[1:]}, from a seed; overrides "
+                                "such as steps=200 output=/tmp/prior; --show-config lists them.")
+        train.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+        train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in work_dir")
+        train.add_argument("--show-config", action="store_true", help="print every setting with its meaning and exit")
+        train.set_defaults(func=cmd_world_train, trainer=(module, config_name, trainer_name))
     catalog = wsub.add_parser("catalog", help="render every shape of the world into one picture")
     catalog.add_argument("--output", default="shapes_catalog.png", help="PNG to write")
     catalog.add_argument("--views", type=int, default=4, help="views per shape")

@@ -45,19 +45,19 @@ EMBEDDED_T2I = Path(__file__).resolve().parents[1] / "assets" / "shapes-t2i"
 
 
 @dataclass
-class PriorTrainConfig:
-    """Training of the embedded text-to-image prior."""
+class TrainConfig:
+    """Settings shared by the trainers of the embedded priors (text-to-image and view-conditioned)."""
 
-    output: str = str(EMBEDDED_T2I)
-    """Folder the finished diffusers pipeline is written to (the shipped one by default)."""
-    work_dir: str = "outputs/world/train-prior"
-    """Checkpoints, sample grids and the training log."""
+    output: str = ""
+    """Folder the finished prior is written to (the shipped one by default)."""
+    work_dir: str = ""
+    """Checkpoints, sample grids, the render cache and the training log."""
     seed: int = 0
-    """Seed of everything: renders, initialization, batches, noise, caption dropout."""
+    """Seed of everything: renders, initialization, batches, noise, condition dropout."""
     steps: int = 2500
     """Optimization steps."""
     batch_size: int = 32
-    """Images per step."""
+    """Examples per step."""
     lr: float = 5e-4
     """Peak AdamW learning rate (linear warm-up, cosine decay to 10%)."""
     warmup: int = 200
@@ -65,25 +65,19 @@ class PriorTrainConfig:
     weight_decay: float = 0.01
     """AdamW weight decay."""
     ema_decay: float = 0.999
-    """Decay of the exponential moving average whose weights are saved."""
+    """Decay of the exponential moving average whose weights are saved (with the usual warm-up)."""
     size: int = 32
     """Image size the prior models."""
     supersample: int = 2
     """Renders are made at size * supersample and averaged down (antialiasing)."""
     views_per_object: int = 40
     """Rendered views of each training object."""
-    view_dependent_fraction: float = 0.8
-    """Fraction of captions that carry the view suffix (', front view', ...)."""
+    max_objects: int = 0
+    """Train on only the first N training objects (0: all; small values are for quick tests)."""
     cond_dropout: float = 0.1
-    """Probability of training a caption as the empty prompt (for classifier-free guidance)."""
+    """Probability of training an example unconditionally (for classifier-free guidance)."""
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
     """UNet widths per resolution (32, 16, 8)."""
-    text_dim: int = 64
-    """Text encoder width = the UNet's cross-attention width."""
-    text_layers: int = 2
-    """Text encoder transformer layers."""
-    max_length: int = 16
-    """Tokens per caption (captions are at most ~8 words)."""
     sample_every: int = 500
     """Write a sample grid every this many steps (0: never)."""
     checkpoint_every: int = 250
@@ -93,8 +87,22 @@ class PriorTrainConfig:
     threads: int = 1
     """torch CPU threads (0: torch's default). The shipped weights used 1: results differ in the last bits
     across thread counts, and one thread does not spin-wait against other work on a shared machine."""
-    max_objects: int = 0
-    """Train on only the first N training objects (0: all; small values are for quick tests)."""
+
+
+@dataclass
+class PriorTrainConfig(TrainConfig):
+    """Training of the embedded text-to-image prior."""
+
+    output: str = str(EMBEDDED_T2I)
+    work_dir: str = "outputs/world/train-prior"
+    view_dependent_fraction: float = 0.8
+    """Fraction of captions that carry the view suffix (', front view', ...)."""
+    text_dim: int = 64
+    """Text encoder width = the UNet's cross-attention width."""
+    text_layers: int = 2
+    """Text encoder transformer layers."""
+    max_length: int = 16
+    """Tokens per caption (captions are at most ~8 words)."""
 
 
 def _unet(cfg: PriorTrainConfig, in_channels: int = 3, cross_attention_dim: int | None = None):

@@ -45,7 +45,6 @@ gen3d_prior.json) that `ViewConditionedPrior.from_pretrained` loads:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import signal
@@ -58,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from gen3d.world.train_prior import PriorTrainer, _diffusers_version, _scheduler, _unet, render_views, sample_prompts
+from gen3d.world.train_prior import PriorTrainer, TrainConfig, _diffusers_version, _scheduler, _unet, render_views, sample_prompts
 
 EMBEDDED_ZERO123 = Path(__file__).resolve().parents[1] / "assets" / "shapes-zero123"
 SAMPLE_CAMERA = {"azimuth": 30.0, "elevation": 15.0, "distance": 2.25, "fovy": 45.0}
@@ -68,39 +67,17 @@ SAMPLE_TURNS = (0.0, 90.0, 180.0, 270.0)
 
 
 @dataclass
-class ViewPriorTrainConfig:
+class ViewPriorTrainConfig(TrainConfig):
     """Training of the embedded view-conditioned (Zero123-style) prior."""
 
     output: str = str(EMBEDDED_ZERO123)
-    """Folder the finished prior is written to (the shipped one by default)."""
     work_dir: str = "outputs/world/train-view-prior"
-    """Checkpoints, sample grids, the render cache and the training log."""
-    seed: int = 0
-    """Seed of everything: renders, initialization, pairs, noise, condition dropout."""
     steps: int = 3500
     """Optimization steps (about an hour on 2 busy cores at 0.7-1.4 s a step)."""
-    batch_size: int = 32
-    """Pairs per step."""
-    lr: float = 5e-4
-    """Peak AdamW learning rate (linear warm-up, cosine decay to 10%)."""
-    warmup: int = 200
-    """Warm-up steps."""
-    weight_decay: float = 0.01
-    """AdamW weight decay."""
-    ema_decay: float = 0.999
-    """Decay of the exponential moving average whose weights are saved."""
-    size: int = 32
-    """Image size the prior models."""
-    supersample: int = 2
-    """Renders are made at size * supersample and averaged down (antialiasing)."""
     views_per_object: int = 24
     """Rendered views of each training object; pairs are drawn among them."""
-    max_objects: int = 0
-    """Train on the first this many training objects (0: all of them), as in train_prior; for quick runs."""
     cond_dropout: float = 0.05
     """Probability of training a pair unconditionally (input view and tokens zeroed), for CFG."""
-    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
-    """UNet widths per resolution (32, 16, 8)."""
     embed_dim: int = 64
     """Width of the image encoder, its projection, the pose token and the UNet's cross-attention."""
     image_layers: int = 2
@@ -116,14 +93,6 @@ class ViewPriorTrainConfig:
     """Write a sample grid every this many steps (0: never); a grid takes about a minute."""
     sample_guidance: float = 3.0
     """Classifier-free guidance scale of the sample grids (Zero123's default)."""
-    checkpoint_every: int = 250
-    """Write a resumable checkpoint every this many steps."""
-    progress: bool = True
-    """Show a progress bar."""
-    threads: int = 1
-    """torch CPU threads (0: torch's default). One thread is the fastest measured on a busy 2-core machine
-    (0.8 s vs 2 s a step: two threads spin-wait against other work) and results differ in the last bits
-    across thread counts."""
 
     def __post_init__(self) -> None:
         from gen3d.priors.view_conditioning import TOKEN_LAYOUTS
@@ -436,23 +405,3 @@ class ViewPriorTrainer:
         if cfg.sample_every:
             self.write_samples()
         return self.export()
-
-
-def cmd_world_train_view_prior(args: argparse.Namespace) -> int:
-    """``gen3d world train-view-prior [key=value ...] [--resume] [--show-config]``: args.overrides,
-    args.resume and args.show_config as for ``gen3d world train-prior``."""
-    from gen3d.config import apply_overrides, describe, from_dict
-
-    cfg = from_dict(ViewPriorTrainConfig, apply_overrides(ViewPriorTrainConfig, {}, args.overrides))
-    if args.show_config:
-        print("\n".join(describe(cfg)))
-        return 0
-    trainer = ViewPriorTrainer(cfg)
-    if args.resume and trainer.resume():
-        print(f"resumed at step {trainer.step} from {cfg.work_dir}", file=sys.stderr)
-    try:
-        out = trainer.fit()
-    except KeyboardInterrupt:
-        return 130
-    print(out)
-    return 0

@@ -1,9 +1,8 @@
-import math
 
 import pytest
 import torch
 
-from gen3d.cameras import OrbitConfig, intrinsics, look_at, orbit_cameras, sample_orbit, spherical_cameras
+from gen3d.cameras import OrbitConfig, intrinsics, look_at, orbit_cameras, sample_orbit
 
 
 def project(cams, points):  # [C,3,3] K, world points [P,3] -> pixels [C,P,2], depth [C,P]

@@ -2,11 +2,9 @@
 
 import json
 
-import pytest
 import torch
 
 from gen3d.priors.diffusion import DiffusionPrior
-from gen3d.priors.prompts import view_directions
 from gen3d.priors.sampling import sample_images
 from gen3d.world.train_prior import PriorTrainConfig, PriorTrainer, render_views, sample_prompts
 

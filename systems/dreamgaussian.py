@@ -59,6 +59,9 @@ class DreamGaussianConfig(RunConfig):
     """Fractions of max_steps at which the next entry of `render_sizes` takes over."""
     lambda_sds: float = 1.0
     """Weight of the SDS loss."""
+    lambda_opaque: float = 0.0
+    """Weight of the binary-entropy loss on rendered alpha, -(a log a + (1-a) log(1-a)), which pushes every
+    pixel to fully opaque or fully empty (threestudio's 'opaque' regularizer) against SDS's semi-transparent fog."""
     rasterizer: str = "auto"
     """Gaussian rasterizer backend: auto, torch (tile-based reference), dense or gsplat (CUDA)."""
     guidance: SDSConfig = field(default_factory=SDSConfig)
@@ -81,6 +84,12 @@ class DreamGaussianConfig(RunConfig):
             )
         if any(s < 8 for s in self.render_sizes):
             raise ValueError(f"render_sizes must be >= 8 pixels, got {self.render_sizes}")
+
+
+def binary_entropy(alpha: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """Mean binary entropy of alpha values in [0, 1] (0 when every value is 0 or 1)."""
+    a = alpha.clamp(eps, 1 - eps)
+    return -(a * torch.log(a) + (1 - a) * torch.log(1 - a)).mean()
 
 
 class DreamGaussian(System):
@@ -125,6 +134,8 @@ class DreamGaussian(System):
             out.means2d.retain_grad()
         g = self.guidance(out.rgb, self.prompts(cams), step, cfg.max_steps, generator=self.generator)
         loss = cfg.lambda_sds * g.loss
+        if cfg.lambda_opaque:
+            loss = loss + cfg.lambda_opaque * binary_entropy(out.alpha)
         if not torch.isfinite(loss):
             raise Gen3dError(
                 f"the loss became {loss.item()} at step {step}; the last checkpoint in {self.run_dir / 'checkpoints'} "

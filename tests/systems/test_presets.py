@@ -14,3 +14,12 @@ def test_preset_smoke(preset, tiny_pixel_prior, tmp_path):
     run = resolve_run("@last", out)
     assert (run / "checkpoints" / "step-000002").is_dir()
     assert any((run / "export").iterdir())
+
+
+def test_default_preset_runs_on_the_shipped_prior(tmp_path):
+    """The README's main command, shortened: the embedded prior, nothing overridden but the length."""
+    out = tmp_path / "outputs"
+    assert main(["run", "dreamgaussian", "prompt=a teal torus", f"output_dir={out}", "max_steps=3",
+                 "turntable_frames=3", "progress=false", "cameras.eval_size=32"]) == 0
+    run = resolve_run("@last", out)
+    assert (run / "export" / "model.ply").is_file() and (run / "export" / "mesh.glb").is_file()

@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="2 prompts, 40 steps: a smoke test of the script")
     parser.add_argument("--output-dir", help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--shard", default="1/1", help="K/N: run every N-th prompt starting at the K-th, to split "
+                        "the list over parallel processes (merge their JSON with benchmarks/merge_shards.py)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -107,6 +109,13 @@ def main(argv: list[str] | None = None) -> dict:
         seen, held = args.prompts, []
     else:
         seen, held = SEEN, held_out_prompts()
+    k, n = (int(x) for x in args.shard.split("/"))
+    if not 1 <= k <= n:
+        raise SystemExit(f"--shard must be K/N with 1 <= K <= N, got {args.shard}")
+    tagged = [("seen", p) for p in seen] + [("held_out", p) for p in held]
+    tagged = tagged[k - 1::n]
+    seen = [p for g, p in tagged if g == "seen"]
+    held = [p for g, p in tagged if g == "held_out"]
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(args.output_dir or tmp)
         rows = {"seen": [], "held_out": []}

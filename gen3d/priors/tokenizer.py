@@ -1,8 +1,10 @@
 """Write small CLIP byte-level BPE tokenizers for priors trained by gen3d (and for tests).
 
 A real `CLIPTokenizer` needs `vocab.json` and `merges.txt`. The vocabulary written here covers
-every byte (so any prompt tokenizes) and adds left-to-right merges that make each listed word a
-single token, which keeps the embedded priors' text encoders small.
+every byte (so any prompt tokenizes) and adds each listed word's left-to-right merges, so most
+words become one token and the rest a few (BPE applies the lowest-ranked pair first, so a merge
+listed for an earlier word can split a later one), which keeps the embedded priors' text
+encoders small.
 """
 
 from __future__ import annotations

@@ -146,7 +146,9 @@ def test_help_and_configs(capsys):
     assert main(["configs"]) == 0
     assert "dreamgaussian" in capsys.readouterr().out
     assert main(["run", "dreamgaussian", "--show-config"]) == 0
-    assert "guidance.guidance_scale = 100.0  #" in capsys.readouterr().out
+    assert "guidance.guidance_scale = 10.0  # " in capsys.readouterr().out
+    assert main(["run", "dreamgaussian-sd", "--show-config"]) == 0
+    assert "guidance.guidance_scale = 100.0  # " in capsys.readouterr().out
 
 
 def test_nan_loss_stops_with_advice_and_keeps_checkpoints(tiny_pixel_prior, tmp_path, capsys):
@@ -172,3 +174,18 @@ def test_unwritable_output_dir(tiny_pixel_prior, tmp_path, capsys):
     assert run_cli("run", "dreamgaussian", "prompt=a mug", *base, f"output_dir={blocker}/runs") == 2
     assert "cannot write the run folder" in capsys.readouterr().err
     assert blocker.read_text() == ""
+
+
+def test_binary_entropy_is_zero_for_binary_alpha_and_peaks_at_half():
+    from gen3d.systems.dreamgaussian import binary_entropy
+
+    assert binary_entropy(torch.tensor([0.0, 1.0, 1.0])).item() < 2e-3  # alpha is clamped to [1e-4, 1 - 1e-4]
+    half = binary_entropy(torch.tensor([0.5]))
+    assert half.item() == pytest.approx(np.log(2), rel=1e-4)
+    assert binary_entropy(torch.tensor([0.2])) < half
+
+
+def test_opaque_regularizer_runs(tiny_pixel_prior, tmp_path):
+    out = tmp_path / "outputs"
+    assert run_cli("run", "dreamgaussian", "prompt=a mug", *fast_overrides(tiny_pixel_prior, out, steps=2),
+                   "turntable_frames=0", "exports=[]", "lambda_opaque=1.0") == 0

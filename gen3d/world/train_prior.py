@@ -140,6 +140,8 @@ def _scheduler():
 class PriorTrainer:
     """Builds the data and models, trains with checkpoints, writes the pipeline folder."""
 
+    verb = "train-prior"  # the `gen3d world` verb that runs this trainer (progress bar, resume hint)
+
     def __init__(self, cfg: PriorTrainConfig):
         from transformers import CLIPTokenizer
 
@@ -329,7 +331,7 @@ class PriorTrainer:
         if self.data is None:
             self.build_data()
         previous = signal.signal(signal.SIGINT, lambda *a: setattr(self, "_stop", True))
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, desc="train-prior", file=sys.stderr)
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, desc=self.verb, file=sys.stderr)
         log = (self.work / "metrics.jsonl").open("a")
         avg = None
         try:
@@ -346,7 +348,7 @@ class PriorTrainer:
                 if self._stop or self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
                 if self._stop:
-                    print(f"\ninterrupted at step {self.step}; resume with: gen3d world train-prior --resume "
+                    print(f"\ninterrupted at step {self.step}; resume with: gen3d world {self.verb} --resume "
                           f"work_dir={cfg.work_dir}", file=sys.stderr)
                     raise KeyboardInterrupt
         finally:

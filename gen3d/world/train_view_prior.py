@@ -47,10 +47,9 @@ from __future__ import annotations
 
 import copy
 import json
-import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -157,7 +156,9 @@ def sample_objects():
 class ViewPriorTrainer:
     """Builds the pair data and models, trains with checkpoints, writes the prior folder."""
 
+    verb = "train-view-prior"
     lr_at = PriorTrainer.lr_at  # the same warm-up + cosine schedule, read from cfg.lr / warmup / steps
+    fit = PriorTrainer.fit  # the same loop: data, steps, metrics, samples, checkpoints, Ctrl-C, export
 
     def __init__(self, cfg: ViewPriorTrainConfig):
         self.cfg = cfg
@@ -371,37 +372,3 @@ class ViewPriorTrainer:
                     "guidance_scale": 3.0, "config": asdict(self.cfg), "held_out": [list(h) for h in HELD_OUT]}
             (tmp / "gen3d_prior.json").write_text(json.dumps(card, indent=2))
         return out
-
-    def fit(self) -> Path:
-        cfg = self.cfg
-        if self.data is None:
-            self.build_data()
-        previous = signal.signal(signal.SIGINT, lambda *a: setattr(self, "_stop", True))
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, desc="train-view-prior", file=sys.stderr)
-        log = (self.work / "metrics.jsonl").open("a")
-        avg = None
-        try:
-            while self.step < cfg.steps:
-                loss = self.train_step()
-                avg = loss if avg is None else 0.98 * avg + 0.02 * loss
-                bar.update(1)
-                bar.set_postfix(loss=f"{avg:.4f}", refresh=False)
-                if self.step % 50 == 0:
-                    log.write(json.dumps({"step": self.step, "loss": loss, "loss_avg": avg, "lr": self.lr_at(self.step)}) + "\n")
-                    log.flush()
-                if cfg.sample_every and self.step % cfg.sample_every == 0:
-                    self.write_samples()
-                if self._stop or self.step % cfg.checkpoint_every == 0:
-                    self.save_checkpoint()
-                if self._stop:
-                    print(f"\ninterrupted at step {self.step}; resume with: gen3d world train-view-prior --resume "
-                          f"work_dir={cfg.work_dir}", file=sys.stderr)
-                    raise KeyboardInterrupt
-        finally:
-            bar.close()
-            log.close()
-            signal.signal(signal.SIGINT, previous)
-        self.save_checkpoint()
-        if cfg.sample_every:
-            self.write_samples()
-        return self.export()

@@ -137,10 +137,132 @@ def _scheduler():
                          prediction_type="epsilon", clip_sample=False)
 
 
-class PriorTrainer:
+class DiffusionTrainer:
+    """What the embedded priors' trainers share: the optimizer step with EMA, the learning-rate
+    schedule, checkpoints and resume, EMA copies of the modules, and the training loop.
+
+    A subclass builds its modules, calls `_setup_optimization()`, and provides `_modules()`,
+    `build_data()`, `train_step()`, `write_samples()` and `export()`.
+    """
+
+    verb = ""  # the `gen3d world` verb that runs this trainer (progress bar, resume hint, checkpoint meta)
+
+    def _modules(self) -> dict[str, torch.nn.Module]:
+        """The trained modules by checkpoint prefix, in optimizer order."""
+        raise NotImplementedError
+
+    def _params(self) -> dict[str, torch.Tensor]:
+        return {f"{name}.{k}": v for name, m in self._modules().items() for k, v in m.state_dict().items()}
+
+    def _setup_optimization(self) -> None:
+        cfg = self.cfg
+        self.ema = {k: v.detach().clone() for k, v in self._params().items()}
+        self.scheduler = _scheduler()
+        self.abar = self.scheduler.alphas_cumprod.float()
+        params = [p for m in self._modules().values() for p in m.parameters()]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.generator = torch.Generator().manual_seed(cfg.seed + 1)
+        self.step = 0
+        self.data = None
+        self._stop = False
+
+    def lr_at(self, step: int) -> float:
+        cfg = self.cfg
+        if step < cfg.warmup:
+            return cfg.lr * (step + 1) / cfg.warmup
+        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+    def optimize(self, loss: torch.Tensor) -> float:
+        """One AdamW step on `loss` (scheduled lr, gradient clipping at 1), then the EMA update."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for grp in self.optimizer.param_groups for p in grp["params"]], 1.0)
+        self.optimizer.step()
+        # EMA with the usual warm-up, so early averages are not dominated by the random initialization
+        decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
+        with torch.no_grad():
+            for k, v in self._params().items():
+                if v.dtype.is_floating_point:
+                    self.ema[k].lerp_(v, 1 - decay)
+                else:
+                    self.ema[k].copy_(v)
+        self.step += 1
+        return loss.item()
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        from gen3d.runs import save_checkpoint
+
+        tensors = {**self._params(), **{f"ema.{k}": v for k, v in self.ema.items()}}
+        state = {"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state()}
+        save_checkpoint(self.work, self.step, tensors, state, {"system": self.verb, "config": asdict(self.cfg)})
+
+    def resume(self) -> bool:
+        from gen3d.runs import latest_checkpoint
+
+        ckpt = latest_checkpoint(self.work)
+        if ckpt is None:
+            return False
+        for name, module in self._modules().items():
+            module.load_state_dict({k[len(name) + 1:]: v for k, v in ckpt.model.items() if k.startswith(f"{name}.")})
+        self.ema = {k[4:]: v.clone() for k, v in ckpt.model.items() if k.startswith("ema.")}
+        self.optimizer.load_state_dict(ckpt.state["optimizer"])
+        self.generator.set_state(ckpt.state["generator"])
+        self.step = ckpt.step
+        return True
+
+    def ema_modules(self) -> dict[str, torch.nn.Module]:
+        """Copies of the modules holding the EMA weights, in eval mode."""
+        out = {}
+        for name, module in self._modules().items():
+            clone = copy.deepcopy(module)
+            clone.load_state_dict({k[len(name) + 1:]: v for k, v in self.ema.items() if k.startswith(f"{name}.")})
+            out[name] = clone.eval()
+        return out
+
+    def fit(self) -> Path:
+        """Train to cfg.steps (Ctrl-C checkpoints and stops), write the samples and export the prior."""
+        cfg = self.cfg
+        if self.data is None:
+            self.build_data()
+        previous = signal.signal(signal.SIGINT, lambda *a: setattr(self, "_stop", True))
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, desc=self.verb, file=sys.stderr)
+        log = (self.work / "metrics.jsonl").open("a")
+        avg = None
+        try:
+            while self.step < cfg.steps:
+                loss = self.train_step()
+                avg = loss if avg is None else 0.98 * avg + 0.02 * loss
+                bar.update(1)
+                bar.set_postfix(loss=f"{avg:.4f}", refresh=False)
+                if self.step % 50 == 0:
+                    log.write(json.dumps({"step": self.step, "loss": loss, "loss_avg": avg, "lr": self.lr_at(self.step)}) + "\n")
+                    log.flush()
+                if cfg.sample_every and self.step % cfg.sample_every == 0:
+                    self.write_samples()
+                if self._stop or self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if self._stop:
+                    print(f"\ninterrupted at step {self.step}; resume with: gen3d world {self.verb} --resume "
+                          f"work_dir={cfg.work_dir}", file=sys.stderr)
+                    raise KeyboardInterrupt
+        finally:
+            bar.close()
+            log.close()
+            signal.signal(signal.SIGINT, previous)
+        self.save_checkpoint()
+        if cfg.sample_every:
+            self.write_samples()
+        return self.export()
+
+
+class PriorTrainer(DiffusionTrainer):
     """Builds the data and models, trains with checkpoints, writes the pipeline folder."""
 
-    verb = "train-prior"  # the `gen3d world` verb that runs this trainer (progress bar, resume hint)
+    verb = "train-prior"
 
     def __init__(self, cfg: PriorTrainConfig):
         from transformers import CLIPTokenizer
@@ -158,15 +280,7 @@ class PriorTrainer:
         self.tokenizer = CLIPTokenizer.from_pretrained(str(self.tok_dir))
         self.unet = _unet(cfg)
         self.text_encoder = _text_encoder(cfg, vocab_size)
-        self.ema = {k: v.detach().clone() for k, v in self._params().items()}
-        self.scheduler = _scheduler()
-        self.abar = self.scheduler.alphas_cumprod.float()
-        params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.generator = torch.Generator().manual_seed(cfg.seed + 1)
-        self.step = 0
-        self.data = None
-        self._stop = False
+        self._setup_optimization()
 
     # ---- data --------------------------------------------------------------------------------
     def build_data(self) -> None:
@@ -216,21 +330,13 @@ class PriorTrainer:
         return images * 2 - 1, captions
 
     # ---- model ---------------------------------------------------------------------------------
-    def _params(self) -> dict[str, torch.Tensor]:
-        return {**{f"unet.{k}": v for k, v in self.unet.state_dict().items()},
-                **{f"text.{k}": v for k, v in self.text_encoder.state_dict().items()}}
+    def _modules(self) -> dict[str, torch.nn.Module]:
+        return {"unet": self.unet, "text": self.text_encoder}
 
     def encode(self, captions: list[str]) -> torch.Tensor:
         ids = self.tokenizer(captions, padding="max_length", max_length=self.cfg.max_length,
                              truncation=True, return_tensors="pt").input_ids
         return self.text_encoder(ids)[0]  # [B, L, D]
-
-    def lr_at(self, step: int) -> float:
-        cfg = self.cfg
-        if step < cfg.warmup:
-            return cfg.lr * (step + 1) / cfg.warmup
-        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
     def train_step(self) -> float:
         x0, captions = self.batch()
@@ -240,58 +346,15 @@ class PriorTrainer:
         ab = self.abar[t].view(-1, 1, 1, 1)
         x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
         pred = self.unet(x_t, t, self.encode(captions)).sample
-        loss = F.mse_loss(pred, eps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(self.step)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for grp in self.optimizer.param_groups for p in grp["params"]], 1.0)
-        self.optimizer.step()
-        # EMA with the usual warm-up, so early averages are not dominated by the random initialization
-        decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
-        with torch.no_grad():
-            for k, v in self._params().items():
-                if v.dtype.is_floating_point:
-                    self.ema[k].lerp_(v, 1 - decay)
-                else:
-                    self.ema[k].copy_(v)
-        self.step += 1
-        return loss.item()
+        return self.optimize(F.mse_loss(pred, eps))
 
-    # ---- checkpoints and outputs -------------------------------------------------------------------
-    def save_checkpoint(self) -> None:
-        from gen3d.runs import save_checkpoint
-
-        tensors = {**self._params(), **{f"ema.{k}": v for k, v in self.ema.items()}}
-        state = {"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state()}
-        save_checkpoint(self.work, self.step, tensors, state, {"system": "train-prior", "config": asdict(self.cfg)})
-
-    def resume(self) -> bool:
-        from gen3d.runs import latest_checkpoint
-
-        ckpt = latest_checkpoint(self.work)
-        if ckpt is None:
-            return False
-        self.unet.load_state_dict({k[5:]: v for k, v in ckpt.model.items() if k.startswith("unet.")})
-        self.text_encoder.load_state_dict({k[5:]: v for k, v in ckpt.model.items() if k.startswith("text.")})
-        self.ema = {k[4:]: v.clone() for k, v in ckpt.model.items() if k.startswith("ema.")}
-        self.optimizer.load_state_dict(ckpt.state["optimizer"])
-        self.generator.set_state(ckpt.state["generator"])
-        self.step = ckpt.step
-        return True
-
-    def ema_modules(self):
-        unet, text = copy.deepcopy(self.unet), copy.deepcopy(self.text_encoder)
-        unet.load_state_dict({k[5:]: v for k, v in self.ema.items() if k.startswith("unet.")})
-        text.load_state_dict({k[5:]: v for k, v in self.ema.items() if k.startswith("text.")})
-        return unet.eval(), text.eval()
-
+    # ---- outputs -------------------------------------------------------------------------------------
     def prior(self):
         """The EMA model as a `DiffusionPrior` (in memory)."""
         from gen3d.priors.diffusion import DiffusionPrior
 
-        unet, text = self.ema_modules()
-        return DiffusionPrior(unet, self.scheduler, text, self.tokenizer, model_name="shapes-t2i (training)",
+        m = self.ema_modules()
+        return DiffusionPrior(m["unet"], self.scheduler, m["text"], self.tokenizer, model_name="shapes-t2i (training)",
                               resolution=self.cfg.size, device="cpu", dtype=torch.float32)
 
     def write_samples(self) -> Path:
@@ -312,9 +375,9 @@ class PriorTrainer:
 
         out = Path(self.cfg.output)
         with atomic_folder(out) as tmp:
-            unet, text = self.ema_modules()
-            unet.save_pretrained(tmp / "unet")
-            text.save_pretrained(tmp / "text_encoder")
+            m = self.ema_modules()
+            m["unet"].save_pretrained(tmp / "unet")
+            m["text"].save_pretrained(tmp / "text_encoder")
             self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
             self.scheduler.save_pretrained(tmp / "scheduler")
             index = {"_class_name": "IFPipeline", "_diffusers_version": _diffusers_version(),
@@ -325,40 +388,6 @@ class PriorTrainer:
                     "config": asdict(self.cfg), "held_out": [list(h) for h in HELD_OUT]}
             (tmp / "gen3d_prior.json").write_text(json.dumps(card, indent=2))
         return out
-
-    def fit(self) -> Path:
-        cfg = self.cfg
-        if self.data is None:
-            self.build_data()
-        previous = signal.signal(signal.SIGINT, lambda *a: setattr(self, "_stop", True))
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, desc=self.verb, file=sys.stderr)
-        log = (self.work / "metrics.jsonl").open("a")
-        avg = None
-        try:
-            while self.step < cfg.steps:
-                loss = self.train_step()
-                avg = loss if avg is None else 0.98 * avg + 0.02 * loss
-                bar.update(1)
-                bar.set_postfix(loss=f"{avg:.4f}", refresh=False)
-                if self.step % 50 == 0:
-                    log.write(json.dumps({"step": self.step, "loss": loss, "loss_avg": avg, "lr": self.lr_at(self.step)}) + "\n")
-                    log.flush()
-                if cfg.sample_every and self.step % cfg.sample_every == 0:
-                    self.write_samples()
-                if self._stop or self.step % cfg.checkpoint_every == 0:
-                    self.save_checkpoint()
-                if self._stop:
-                    print(f"\ninterrupted at step {self.step}; resume with: gen3d world {self.verb} --resume "
-                          f"work_dir={cfg.work_dir}", file=sys.stderr)
-                    raise KeyboardInterrupt
-        finally:
-            bar.close()
-            log.close()
-            signal.signal(signal.SIGINT, previous)
-        self.save_checkpoint()
-        if cfg.sample_every:
-            self.write_samples()
-        return self.export()
 
 
 def render_views(obj, n: int, size: int, supersample: int, generator: torch.Generator,

@@ -45,7 +45,6 @@ gen3d_prior.json) that `ViewConditionedPrior.from_pretrained` loads:
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
 import time
@@ -56,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from gen3d.world.train_prior import PriorTrainer, TrainConfig, _diffusers_version, _scheduler, _unet, render_views, sample_prompts
+from gen3d.world.train_prior import DiffusionTrainer, TrainConfig, _diffusers_version, _unet, render_views, sample_prompts
 
 EMBEDDED_ZERO123 = Path(__file__).resolve().parents[1] / "assets" / "shapes-zero123"
 SAMPLE_CAMERA = {"azimuth": 30.0, "elevation": 15.0, "distance": 2.25, "fovy": 45.0}
@@ -153,12 +152,10 @@ def sample_objects():
     return [parse_prompt(prompt) for prompt in sample_prompts()]
 
 
-class ViewPriorTrainer:
+class ViewPriorTrainer(DiffusionTrainer):
     """Builds the pair data and models, trains with checkpoints, writes the prior folder."""
 
     verb = "train-view-prior"
-    lr_at = PriorTrainer.lr_at  # the same warm-up + cosine schedule, read from cfg.lr / warmup / steps
-    fit = PriorTrainer.fit  # the same loop: data, steps, metrics, samples, checkpoints, Ctrl-C, export
 
     def __init__(self, cfg: ViewPriorTrainConfig):
         self.cfg = cfg
@@ -175,16 +172,8 @@ class ViewPriorTrainer:
                                                          projection_class_embeddings_input_dim=4)
         self.image_encoder = _image_encoder(cfg)
         self.projection = _projection(cfg)
-        self.ema = {k: v.detach().clone() for k, v in self._params().items()}
-        self.scheduler = _scheduler()
-        self.abar = self.scheduler.alphas_cumprod.float()
-        params = [p for m in self._modules().values() for p in m.parameters()]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.generator = torch.Generator().manual_seed(cfg.seed + 1)
-        self.step = 0
-        self.data = None
+        self._setup_optimization()
         self._sample_views = None
-        self._stop = False
 
     # ---- data --------------------------------------------------------------------------------
     def build_data(self) -> None:
@@ -242,8 +231,6 @@ class ViewPriorTrainer:
     def _modules(self) -> dict[str, torch.nn.Module]:
         return {"unet": self.unet, "image": self.image_encoder, "proj": self.projection}
 
-    def _params(self) -> dict[str, torch.Tensor]:
-        return {f"{name}.{k}": v for name, m in self._modules().items() for k, v in m.state_dict().items()}
 
     def loss(self, batch: PairBatch, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """ε-prediction MSE on the targets noised to timesteps t ``[B]`` with noise eps ``[B, 3, h, w]``."""
@@ -261,53 +248,9 @@ class ViewPriorTrainer:
         g = self.generator
         t = torch.randint(0, 1000, (len(batch.targets),), generator=g)
         eps = torch.randn(batch.targets.shape, generator=g)
-        loss = self.loss(batch, t, eps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(self.step)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for grp in self.optimizer.param_groups for p in grp["params"]], 1.0)
-        self.optimizer.step()
-        with torch.no_grad():
-            for k, v in self._params().items():
-                if v.dtype.is_floating_point:
-                    self.ema[k].lerp_(v, 1 - self.cfg.ema_decay)
-                else:
-                    self.ema[k].copy_(v)
-        self.step += 1
-        return loss.item()
+        return self.optimize(self.loss(batch, t, eps))
 
-    # ---- checkpoints and outputs -------------------------------------------------------------------
-    def save_checkpoint(self) -> None:
-        from gen3d.runs import save_checkpoint
-
-        tensors = {**self._params(), **{f"ema.{k}": v for k, v in self.ema.items()}}
-        state = {"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state()}
-        save_checkpoint(self.work, self.step, tensors, state, {"system": "train-view-prior", "config": asdict(self.cfg)})
-
-    def resume(self) -> bool:
-        from gen3d.runs import latest_checkpoint
-
-        ckpt = latest_checkpoint(self.work)
-        if ckpt is None:
-            return False
-        for name, module in self._modules().items():
-            module.load_state_dict({k[len(name) + 1:]: v for k, v in ckpt.model.items() if k.startswith(f"{name}.")})
-        self.ema = {k[4:]: v.clone() for k, v in ckpt.model.items() if k.startswith("ema.")}
-        self.optimizer.load_state_dict(ckpt.state["optimizer"])
-        self.generator.set_state(ckpt.state["generator"])
-        self.step = ckpt.step
-        return True
-
-    def ema_modules(self) -> dict[str, torch.nn.Module]:
-        """Copies of the modules holding the EMA weights, in eval mode."""
-        out = {}
-        for name, module in self._modules().items():
-            clone = copy.deepcopy(module)
-            clone.load_state_dict({k[len(name) + 1:]: v for k, v in self.ema.items() if k.startswith(f"{name}.")})
-            out[name] = clone.eval()
-        return out
-
+    # ---- outputs -------------------------------------------------------------------------------------
     def prior(self):
         """The EMA model as a `ViewConditionedPrior` (in memory)."""
         from gen3d.priors.view_conditioning import ViewConditionedPrior

@@ -14,14 +14,6 @@ from tests.tiny_prior import make_tiny_prior
 T = 1000
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()  # tiny models: one thread avoids OpenMP spin-waits on a busy machine
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pixel_prior(tmp_path_factory):
     return DiffusionPrior.from_pretrained(str(make_tiny_prior(tmp_path_factory.mktemp("sds") / "pixel", "pixel")))

@@ -28,14 +28,3 @@ def pixel_prior(tiny_prior_dirs) -> DiffusionPrior:
 @pytest.fixture(scope="session")
 def latent_prior(tiny_prior_dirs) -> DiffusionPrior:
     return DiffusionPrior.from_pretrained(str(tiny_prior_dirs["latent"]))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; two OpenMP threads on a busy 2-core machine spin-wait (40x slower)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -18,14 +18,6 @@ TINY = {"steps": 30, "batch_size": 4, "views_per_object": 4, "max_objects": 2, "
         "embed_dim": 32, "image_layers": 1, "warmup": 5, "sample_every": 0, "checkpoint_every": 1000, "progress": False}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (two spin-wait on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def views(tmp_path_factory):

@@ -3,7 +3,7 @@
 - `catalog`: shapes (signed distance functions with parts), colors, captions, `parse_prompt`, held-out pairs.
 - `render`: sphere-traced ground-truth renders (`render_object`) in gen3d's camera convention.
 - `dataset`: captioned training renders for the embedded priors (`build_renders`, `iterate_batches`).
-- `metrics`: `iou_3d`, `silhouette_iou`, `color_error`, `multiview_consistency`, `sample_agreement`
+- `metrics`: `iou_3d`, `silhouette_iou`, `color_error`, `multiview_consistency`, `sample_agreement`, `border_background`
   over any result exposing the `Query` protocol.
 """
 
@@ -29,6 +29,7 @@ from gen3d.world.metrics import (
     ObjectQuery,
     Query,
     SampleAgreement,
+    border_background,
     ciede2000,
     color_error,
     delta_e,
@@ -56,6 +57,7 @@ __all__ = [
     "WorldObject",
     "all_captions",
     "all_objects",
+    "border_background",
     "build_renders",
     "caption",
     "ciede2000",

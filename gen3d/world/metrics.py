@@ -357,12 +357,20 @@ def _reference_views(size_h: int, size_w: int) -> Cameras:
     return spherical_cameras(grid[:, 0], grid[:, 1], grid[:, 2], torch.full((n,), 45.0), size_w, size_h)
 
 
-def sample_agreement(images: Tensor, prompts: Sequence[str], background=(1.0, 1.0, 1.0),
+def border_background(images: Tensor) -> Tensor:
+    """Each image's background color [N, 3]: the per-channel median of its one-pixel border."""
+    border = torch.cat([images[:, 0], images[:, -1], images[:, 1:-1, 0], images[:, 1:-1, -1]], 1)  # [N, P, 3]
+    return border.float().median(1).values
+
+
+def sample_agreement(images: Tensor, prompts: Sequence[str], background="border",
                      foreground_threshold: float = 0.12) -> list[SampleAgreement]:
     """Score a prior's samples images [N, H, W, 3] (in [0, 1]) against their prompts' ground truth.
 
-    Foreground: pixels whose largest channel difference from `background` exceeds
-    `foreground_threshold`. The ground truth is rendered from `_reference_views` (12 azimuths x
+    Foreground: pixels whose largest channel difference from the background exceeds
+    `foreground_threshold`. `background` is a color (r, g, b) shared by every image, or "border":
+    each image's own, the median of its border pixels (`border_background`), for priors trained on
+    more than one background. The ground truth is rendered from `_reference_views` (12 azimuths x
     elevations 0/20/40 x distances 2.5/3.0, fovy 45); when the prompt ends in a view word
     ("..., side view"), only the views of that direction (`view_directions`) count, so the silhouette
     score also checks the view. Color: mean Lab over the foreground, sample vs the ground-truth view
@@ -373,7 +381,13 @@ def sample_agreement(images: Tensor, prompts: Sequence[str], background=(1.0, 1.
         raise ValueError(f"images must be [N, H, W, 3] with N = len(prompts) = {len(prompts)}, "
                          f"got {tuple(images.shape)}")
     H, W = images.shape[1:3]
-    bg = torch.as_tensor(background, dtype=torch.float32)
+    if isinstance(background, str):
+        if background != "border":
+            raise ValueError(f'background must be a color (r, g, b) or "border", got {background!r}')
+        bgs = border_background(images)
+    else:
+        bgs = torch.as_tensor(background, dtype=torch.float32).expand(len(images), 3)
+    white = torch.ones(3)
     cams = _reference_views(H, W)
     directions = view_directions(cams.azimuth, cams.elevation)
     gt_cache: dict[WorldObject, RenderOutput] = {}
@@ -384,13 +398,13 @@ def sample_agreement(images: Tensor, prompts: Sequence[str], background=(1.0, 1.
             results.append(SampleAgreement(prompt, None, float("nan"), float("nan")))
             continue
         if obj not in gt_cache:
-            gt_cache[obj] = render_object(obj, cams, background=bg)
+            gt_cache[obj] = render_object(obj, cams, background=white)
         gt = gt_cache[obj]
         words = prompt.replace(",", " ").split()
         wanted = [d for d in ("front", "side", "back", "overhead") if d in words[-2:]]
         views = [k for k, d in enumerate(directions) if not wanted or d == wanted[0]] or list(range(len(cams)))
         mask_g = gt.alpha[views, ..., 0] > 0.5  # [V, H, W]
-        mask_s = (images[n].float() - bg).abs().amax(-1) > foreground_threshold  # [H, W]
+        mask_s = (images[n].float() - bgs[n]).abs().amax(-1) > foreground_threshold  # [H, W]
         ious = _mask_iou(mask_s.expand_as(mask_g), mask_g)  # [V]
         iou = float(ious.max())
         color = float("nan")

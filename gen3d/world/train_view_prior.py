@@ -32,8 +32,9 @@ the pose yet (the loss with the poses of other pairs is equal to 5 digits). ``po
 also adds the pose to the UNet's timestep embedding (``class_embed_type="projection"``), the way
 MVDream feeds its camera, so every ResNet block sees it, not only the four cross-attention layers;
 it was the only variant whose loss already depended on the pose at 300 steps (0.04560 right pose vs
-0.04575 wrong pose), a faint signal. It is off by default (plain Zero123); try it if the trained
-prior ignores the pose.
+0.04575 wrong pose), a faint signal. A view prior that ignores the pose is useless for image-to-3D,
+so the shipped weights use it (``pose_embedding=true`` is the default; ``pose_embedding=false`` is
+plain Zero123, and real Zero123 checkpoints load either way).
 
 The result is a folder (model_index.json, unet/, scheduler/, image_encoder/, cc_projection/,
 gen3d_prior.json) that `ViewConditionedPrior.from_pretrained` loads:
@@ -85,8 +86,9 @@ class ViewPriorTrainConfig(TrainConfig):
     tokens: str = "single"
     """Cross-attention tokens: "single" (Zero123's Linear([CLS embedding ‖ pose])) or "patches"
     ([CLS + pose token, patch tokens])."""
-    pose_embedding: bool = False
-    """Also add the pose to the UNet's timestep embedding (a deviation from Zero123; see the module docstring)."""
+    pose_embedding: bool = True
+    """Also add the pose to the UNet's timestep embedding (a deviation from Zero123 that makes the small
+    prior use the pose; see the module docstring)."""
     sample_every: int = 1000
     """Write a sample grid every this many steps (0: never); a grid takes about a minute."""
     sample_guidance: float = 3.0
@@ -233,7 +235,8 @@ class ViewPriorTrainer(DiffusionTrainer):
 
 
     def loss(self, batch: PairBatch, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """ε-prediction MSE on the targets noised to timesteps t ``[B]`` with noise eps ``[B, 3, h, w]``."""
+        """ε-prediction loss (Min-SNR weighted: `diffusion_loss`) on the targets noised to timesteps t
+        ``[B]`` with noise eps ``[B, 3, h, w]``."""
         from gen3d.priors.view_conditioning import encode_view, view_unet
 
         ab = self.abar[t].view(-1, 1, 1, 1)
@@ -241,7 +244,7 @@ class ViewPriorTrainer(DiffusionTrainer):
         _, _, tokens = encode_view(self.image_encoder, self.projection, batch.inputs, batch.pose)  # [B, L, D]
         keep = batch.keep.view(-1, 1, 1, 1)  # a dropped condition: zero view, zero tokens, zero pose
         pred = view_unet(self.unet, x_t, t, batch.inputs * keep, tokens * keep[:, :, :, 0], batch.pose * keep[:, :, 0, 0])
-        return F.mse_loss(pred, eps)
+        return self.diffusion_loss(pred, eps, t)
 
     def train_step(self, batch: PairBatch | None = None) -> float:
         batch = self.batch() if batch is None else batch

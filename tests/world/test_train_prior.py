@@ -70,3 +70,20 @@ def test_sample_prompts_cover_every_shape_and_held_out_pair():
     parsed = [parse_prompt(p) for p in sample_prompts()]
     assert {o.shape for o in parsed} == set(SHAPES)
     assert {(o.color, o.shape) for o in parsed} >= set(HELD_OUT)
+
+
+def test_min_snr_weighting(tmp_path):
+    """γ = 0 is plain ε-MSE; with γ, noisy timesteps (SNR < γ) keep weight 1, clean ones get γ / SNR."""
+    import torch.nn.functional as F
+
+    plain = PriorTrainer(tiny(tmp_path, min_snr_gamma=0.0))
+    weighted = PriorTrainer(tiny(tmp_path, min_snr_gamma=5.0))
+    g = torch.Generator().manual_seed(0)
+    pred, eps = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    t = torch.tensor([900, 10])  # SNR well below 5, and far above it
+    assert torch.allclose(plain.diffusion_loss(pred, eps, t), F.mse_loss(pred, eps))
+    snr = weighted.abar[t] / (1 - weighted.abar[t])
+    assert snr[0] < 5 < snr[1]
+    per = (pred - eps).pow(2).flatten(1).mean(1)
+    expected = (per[0] + per[1] * 5 / snr[1]) / 2
+    assert torch.allclose(weighted.diffusion_loss(pred, eps, t), expected)

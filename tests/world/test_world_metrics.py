@@ -10,6 +10,7 @@ from gen3d.cameras import spherical_cameras
 from gen3d.world import (
     ObjectQuery,
     WorldObject,
+    border_background,
     ciede2000,
     color_error,
     eval_cameras,
@@ -179,3 +180,20 @@ def test_sample_agreement():
     assert math.isnan(scores[4].color_delta_e)
     with pytest.raises(ValueError, match="N, H, W, 3"):
         sample_agreement(samples, prompts)
+
+
+def test_sample_agreement_finds_each_images_background():
+    """A prior trained on white and black backgrounds: each sample is judged against its own border color."""
+    obj = WorldObject("mug", "orange")
+    cams = spherical_cameras(torch.tensor([30.0]), torch.tensor([20.0]), torch.tensor([2.5]), torch.tensor([45.0]), 32, 32)
+    on_white = render_object(obj, cams, background=(1.0, 1.0, 1.0)).rgb
+    on_black = render_object(obj, cams, background=(0.0, 0.0, 0.0)).rgb
+    both = torch.cat([on_white, on_black])
+    assert torch.allclose(border_background(both), torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]))
+    auto = sample_agreement(both, ["an orange mug"] * 2)
+    assert auto[0].silhouette_iou == pytest.approx(1.0) and auto[1].silhouette_iou > 0.95
+    assert auto[1].color_delta_e < 3
+    fixed = sample_agreement(both, ["an orange mug"] * 2, background=(1.0, 1.0, 1.0))
+    assert fixed[1].silhouette_iou < 0.5  # a black background read as foreground
+    with pytest.raises(ValueError, match="border"):
+        sample_agreement(both, ["an orange mug"] * 2, background="auto")

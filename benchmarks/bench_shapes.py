@@ -42,6 +42,7 @@ def score(query, obj) -> dict[str, float]:
     mv = metrics.multiview_consistency(query)
     return {
         "iou_3d": float(metrics.iou_3d(query, obj)),
+        "iou_3d_raw": float(metrics.iou_3d(query, obj, solid=False)),
         "silhouette_iou": float(metrics.silhouette_iou(query, obj)),
         "color_error": float(metrics.color_error(query, obj)),
         "consistency_delta_e": float(mv.delta_e),
@@ -78,7 +79,7 @@ def run_prompt(prompt: str, overrides: list[str], out_dir: Path) -> dict:
 def summarize(rows: list[dict]) -> dict:
     if not rows:
         return {}
-    keys = ["seconds", "iou_3d", "silhouette_iou", "color_error", "consistency_delta_e", "consistency_matched"]
+    keys = ["seconds", "iou_3d", "iou_3d_raw", "silhouette_iou", "color_error", "consistency_delta_e", "consistency_matched"]
     def mean(values):
         values = [v for v in values if v == v]  # color error is NaN when nothing overlaps
         return round(statistics.mean(values), 4) if values else float("nan")

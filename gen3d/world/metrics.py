@@ -177,10 +177,24 @@ def _moments(fn: Callable[[Tensor], Tensor], resolution: int, bound: float, thre
     return _center_and_scale(points[occupied])
 
 
+def _fill_enclosed(occupied: Tensor, resolution: int) -> Tensor:
+    """[R^3] voxels occupied or enclosed by occupied ones (not reachable from the border through free voxels)."""
+    from scipy.ndimage import binary_fill_holes
+
+    grid = occupied.reshape(resolution, resolution, resolution).numpy()
+    return torch.from_numpy(binary_fill_holes(grid).reshape(-1))
+
+
 def iou_3d(query: Query, obj: WorldObject, resolution: int = 64, threshold: float = 0.5, normalize: bool = True,
            best_over_azimuth: bool | None = None, bound: float = 1.0, azimuth_step: float = AZIMUTH_STEP,
-           moment_samples: int = 4) -> float:
+           moment_samples: int = 4, solid: bool = True) -> float:
     """Voxel IoU between `query` (occupancy > threshold) and `obj` on a grid over [-bound, bound]^3.
+
+    solid: count the voxels the query's occupied voxels enclose as occupied too (what a watertight
+    mesh of its surface holds). Score distillation only shapes what renders see, so 3D Gaussians
+    and fields often leave cavities inside an opaque surface; the ground truth is solid. The
+    query's center and scale are then those of its solid voxels. solid=False scores the raw
+    occupancy (`iou_3d(..., solid=False)`; the benchmarks report both).
 
     Voxels are occupied when their center is. normalize: compare shapes regardless of position and
     size: the ground truth is moved and scaled so its center of mass and RMS radius (radius of
@@ -196,9 +210,21 @@ def iou_3d(query: Query, obj: WorldObject, resolution: int = 64, threshold: floa
     occ_q = _chunked(query.occupancy, grid).float() > threshold  # [R^3]
     if not occ_q.any():
         return 0.0
+    enclosed = _fill_enclosed(occ_q, resolution) & ~occ_q if solid else None  # [R^3] inside, empty at the center
+    if solid:
+        occ_q = occ_q | enclosed
+
+    def occupied(p: Tensor) -> Tensor:
+        """The query's occupancy at any points [P, 3], or (solid) the enclosed voxel they fall in."""
+        inside = _chunked(query.occupancy, p).float() > threshold
+        if enclosed is not None:
+            ijk = ((p + bound) / (2 * bound) * resolution).long().clamp_(0, resolution - 1)
+            inside |= enclosed[(ijk[:, 0] * resolution + ijk[:, 1]) * resolution + ijk[:, 2]]
+        return inside
+
     points, about = grid, torch.zeros(3)
     if normalize:
-        c_q, s_q = _moments(lambda p: _chunked(query.occupancy, p), resolution, bound, threshold, moment_samples)
+        c_q, s_q = _moments(occupied, resolution, bound, 0.5, moment_samples)
         c_g, s_g = _moments(lambda p: _gt_occupancy(obj, p), resolution, bound, 0.5, moment_samples)
         points, about = c_g + (grid - c_q) * (s_g / s_q), c_g  # query-grid voxels in the GT's frame
     best = 0.0

@@ -146,7 +146,7 @@ def test_help_and_configs(capsys):
     assert main(["configs"]) == 0
     assert "dreamgaussian" in capsys.readouterr().out
     assert main(["run", "dreamgaussian", "--show-config"]) == 0
-    assert "guidance.guidance_scale = 10.0  # " in capsys.readouterr().out
+    assert "guidance.guidance_scale = 3.0  # " in capsys.readouterr().out
     assert main(["run", "dreamgaussian-sd", "--show-config"]) == 0
     assert "guidance.guidance_scale = 100.0  # " in capsys.readouterr().out
 

@@ -115,6 +115,19 @@ def test_iou_of_concentric_spheres_is_the_volume_ratio():
     assert iou_3d(bigger, obj, resolution=64, normalize=True) > 0.97  # same shape once scaled
 
 
+def test_solid_iou_fills_what_a_surface_encloses():
+    """A hollow shell (what 3D Gaussians often leave behind an opaque surface) scores as the solid it
+    encloses; solid=False scores its raw occupancy. An open cavity (the mug's) stays empty."""
+    obj = WorldObject("sphere", "red")  # radius 0.5
+    shell = SDFQuery(lambda p: (p.norm(dim=-1) - 0.45).abs() - 0.05)  # 0.4 < r < 0.5
+    assert iou_3d(shell, obj, resolution=64, normalize=False) > 0.97
+    assert iou_3d(shell, obj, resolution=64, normalize=False, solid=False) < 0.6
+    mug = WorldObject("mug", "red")
+    assert iou_3d(ObjectQuery(mug), mug, resolution=48) == 1.0
+    filled_mug = SDFQuery(WorldObject("cylinder", "red").sdf)
+    assert iou_3d(filled_mug, mug, resolution=48) < 0.8
+
+
 def test_normalization_forgives_position_and_scale():
     obj = WorldObject("mug", "red")
     shift, scale = torch.tensor([0.15, -0.1, 0.05]), 0.7

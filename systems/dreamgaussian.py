@@ -22,6 +22,7 @@ import torch
 from gen3d.cameras import Cameras, OrbitConfig, sample_orbit
 from gen3d.errors import Gen3dError
 from gen3d.guidance.sds import SDSConfig, SDSGuidance
+from gen3d.ops.rasterize import BACKENDS
 from gen3d.priors.diffusion import DiffusionPrior
 from gen3d.priors.prompts import PromptConfig, PromptProcessor
 from gen3d.rendering.gaussian import render_gaussians
@@ -63,7 +64,8 @@ class DreamGaussianConfig(RunConfig):
     """Weight of the binary-entropy loss on rendered alpha, -(a log a + (1-a) log(1-a)), which pushes every
     pixel to fully opaque or fully empty (threestudio's 'opaque' regularizer) against SDS's semi-transparent fog."""
     rasterizer: str = "auto"
-    """Gaussian rasterizer backend: auto, torch (tile-based reference), dense or gsplat (CUDA)."""
+    """Gaussian rasterizer backend: auto, torch (tile-based reference), cpp (compiled CPU kernel, stops a pixel at
+    transmittance 1e-4 like 3DGS), dense or gsplat (CUDA); auto picks gsplat on CUDA, else cpp when it builds."""
     guidance: SDSConfig = field(default_factory=SDSConfig)
     """Score distillation settings."""
     gaussians: GaussianConfig = field(default_factory=GaussianConfig)
@@ -77,6 +79,8 @@ class DreamGaussianConfig(RunConfig):
         super().__post_init__()
         if self.background not in BACKGROUNDS:
             raise ValueError(f"background must be one of {list(BACKGROUNDS)}, got {self.background!r}")
+        if self.rasterizer not in BACKENDS:
+            raise ValueError(f"rasterizer must be one of {list(BACKENDS)}, got {self.rasterizer!r}")
         if len(self.render_sizes) != len(self.render_size_milestones) + 1 or not self.render_sizes:
             raise ValueError(
                 f"render_sizes needs one more entry than render_size_milestones, got {self.render_sizes} "

@@ -33,3 +33,58 @@ def test_bench_prior_samples_quick(capsys):
     assert json.loads(capsys.readouterr().out)["summary"] == report["summary"]
     assert {"seen", "held_out"} <= set(report["summary"])
     assert report["summary"]["seen"]["ground_truth_silhouette_iou"] > 0.5
+
+
+@pytest.mark.slow
+def test_bench_view_prior_quick(capsys):
+    report = load("bench_view_prior").main(["--quick"])
+    assert json.loads(capsys.readouterr().out)["summary"] == report["summary"]
+    assert {"seen", "held_out"} <= set(report["summary"])
+    row = report["objects"][0]
+    for key in ("prior_psnr", "prior_silhouette_iou", "wrong_pose_psnr", "input_copy_psnr", "prior_color_error"):
+        assert key in row
+    # the input copy against a view turned 180 degrees: same object, different picture
+    assert 0.0 < row["input_copy_silhouette_iou"] < 1.0
+
+
+@pytest.mark.slow
+def test_bench_rasterize_quick(capsys):
+    report = load("bench_rasterize").main(["--quick", "--threads", "1"])
+    assert json.loads(capsys.readouterr().out)["cases"] == json.loads(json.dumps(report["cases"]))
+    if not report["cpp_available"]:
+        pytest.skip("the C++ rasterizer cannot be built here")
+    limit = report["arithmetic_limit"]
+    flops = limit["flops_per_pair"]
+    assert flops["forward_backward"] == flops["forward"] + flops["backward"] > 0
+    assert limit["peak_flops"] > 0 and {"fwd", "fwd_bwd"} <= set(limit["limit_pairs_per_s"])
+    case = report["cases"][0]
+    for name in ("cpp", "cpp_tile8", "torch", "torch_tile8", "dense"):
+        entry = case[name]
+        for mode in ("fwd", "fwd_bwd"):
+            assert {"min", "median"} <= set(entry[f"{mode}_s"])
+            assert entry["peak_mb"][mode] >= 0
+            assert case["fraction_of_limit"][name][mode] > 0
+        assert entry["pairs_per_s"] > 0 and entry["fwd_pairs_per_s"] > 0
+    # cpp and torch share the binning: the same pairs at the same tile size
+    assert case["cpp"]["pairs"] == case["torch"]["pairs"]
+    assert case["cpp_tile8"]["pairs"] == case["torch_tile8"]["pairs"]
+    assert 0 < case["ellipse_pairs"] <= case["cpp_tile8"]["pairs"] <= case["dense"]["pairs"]
+    assert case["ratios"]["fwd_bwd"]["cpp_tile8_over_torch_tile8"] > 0
+    assert "available" in case["gsplat_torch_impl"]
+
+
+@pytest.mark.slow
+def test_profile_run_quick(capsys):
+    module = load("profile_run")
+    report = module.main(["--quick", "--threads", "1"])
+    assert json.loads(capsys.readouterr().out)["phases_s"] == report["phases_s"]
+    assert report["steps"] == 6 and report["backend_used"] in ("cpp", "torch")
+    phases = report["phases_s"]
+    assert set(module.SETUP_PHASES + module.STEP_PHASES + module.IO_PHASES) <= set(phases)
+    for name in module.STEP_PHASES + module.IO_PHASES + ["model_init", "prior_setup"]:
+        assert phases[name] > 0 and report["calls"][name] >= 1, name
+    # the phases are measured one by one, so they account for the total up to the loop's bookkeeping
+    assert abs(report["phases_sum_s"] - report["total_s"]) <= 0.2 * report["total_s"]
+    assert 0 < report["renderer_fraction_of_step"] < 1
+    assert report["steps_s"] <= report["total_s"]
+    assert set(report["groups_s"]) == {"setup", "render", "prior", "optimizer", "densification", "io", "cameras"}

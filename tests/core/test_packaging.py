@@ -36,7 +36,8 @@ def test_regular_wheel_layout(tmp_path):
     tops = {n.split("/")[0] for n in names if not n.startswith("gen3d-")}
     assert tops == {"gen3d"}, tops
     for needed in ["gen3d/systems/base.py", "gen3d/systems/dreamgaussian.py", "gen3d/viewer/__init__.py",
-                   "gen3d/configs/dreamgaussian.yaml", "gen3d/cli.py", "gen3d/assets/shapes-t2i/model_index.json",
+                   "gen3d/configs/dreamgaussian.yaml", "gen3d/cli.py", "gen3d/ops/csrc/rasterize_cpu.cpp",
+                   "gen3d/assets/shapes-t2i/model_index.json",
                    "gen3d/assets/shapes-t2i/unet/diffusion_pytorch_model.safetensors"]:
         assert needed in names, needed
     target = tmp_path / "site"

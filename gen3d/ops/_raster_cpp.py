@@ -1,7 +1,8 @@
-"""The compiled CPU tile rasterizer: the compositing op of `_raster_torch` as a C++/OpenMP extension.
+"""The compiled CPU tile rasterizer: the binning and compositing ops of `_raster_torch` as a C++/OpenMP extension.
 
-Same binning (`bin_gaussians`), same math and same signature as `rasterize_tiles`; the kernels are
-in csrc/rasterize_cpu.cpp. Every pixel composites its tile's depth-sorted list front to back, and
+`bin_gaussians_cpp` makes exactly the pairs of `bin_gaussians`, in the same order (same floating-point
+operations in the inputs' precision; OpenMP over cameras). `rasterize_tiles_cpp` has the math and the
+signature of `rasterize_tiles`; the kernels are in csrc/rasterize_cpu.cpp. Every pixel composites its tile's depth-sorted list front to back, and
 the backward walks it back to front, recovering T_i = T_{i+1} / (1 - alpha_i) from the stored final
 transmittance instead of keeping per-pair weights. Within a tile the loop runs over the list and
 visits only the pixels of each Gaussian's alpha >= 1/255 ellipse. Tiles are spread over torch's
@@ -38,6 +39,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from gen3d.ops._projection import tile_grid
 from gen3d.ops._raster_torch import TileBins
 
 logger = logging.getLogger(__name__)
@@ -63,14 +65,16 @@ def cache_dir() -> Path:
     return Path(root) / "torch_extensions" / torch.__version__
 
 
-def _extension_name() -> str:
-    digest = hashlib.sha256(SOURCE.read_bytes())
+def extension_name(source: Path, prefix: str) -> str:
+    """`prefix` and a hash of the source, the flags and the Python version: an edited source rebuilds."""
+    digest = hashlib.sha256(source.read_bytes())
     digest.update(" ".join(CFLAGS + LDFLAGS + [sys.version.split()[0]]).encode())
-    return f"gen3d_rasterize_cpu_{digest.hexdigest()[:16]}"
+    return f"{prefix}_{digest.hexdigest()[:16]}"
 
 
-def _build():
-    """Compile (or load the cached) extension; raises with a one-line reason when it cannot."""
+def compile_extension(source: Path, prefix: str, what: str):
+    """Compile (or load the cached) extension of one C++ `source`; raises with a one-line reason when it
+    cannot. `what` names it in the log line ("rasterizer")."""
     from torch.utils import cpp_extension
 
     compiler = os.environ.get("CXX", "c++")
@@ -78,15 +82,23 @@ def _build():
         raise RuntimeError(f"no C++ compiler found ({compiler!r} is not on PATH)")
     if not cpp_extension.is_ninja_available():
         raise RuntimeError("ninja is not installed (torch builds extensions with it)")
-    if not SOURCE.is_file():
-        raise RuntimeError(f"the kernel source {SOURCE} is missing from the installed package")
-    name = _extension_name()
+    if not source.is_file():
+        raise RuntimeError(f"the kernel source {source} is missing from the installed package")
+    name = extension_name(source, prefix)
     build_dir = cache_dir() / name
     build_dir.mkdir(parents=True, exist_ok=True)
     if not any(build_dir.glob(f"{name}*.so")):
-        logger.info("compiling the C++ rasterizer (once)... into %s", build_dir)
-    return cpp_extension.load(name, [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+        logger.info("compiling the C++ %s (once)... into %s", what, build_dir)
+    return cpp_extension.load(name, [str(source)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
                               build_directory=str(build_dir), verbose=False)
+
+
+def _extension_name() -> str:
+    return extension_name(SOURCE, "gen3d_rasterize_cpu")
+
+
+def _build():
+    return compile_extension(SOURCE, "gen3d_rasterize_cpu", "rasterizer")
 
 
 def _short_reason(exc: Exception) -> str:
@@ -122,6 +134,33 @@ def cpp_available() -> bool:
         logger.warning("the C++ rasterizer is unavailable (%s); the pure-torch tile rasterizer is used instead. "
                        "To enable it, %s.", _error, FIX)
     return available
+
+
+@torch.no_grad()
+def bin_gaussians_cpp(
+    means2d: Tensor,  # [C, N, 2]
+    conics: Tensor,  # [C, N, 3]
+    opacities: Tensor,  # [C, N]
+    extents: Tensor,  # [C, N, 2]
+    depths: Tensor,  # [C, N]
+    visible: Tensor,  # [C, N] bool
+    width: int,
+    height: int,
+    tile_size: int,
+) -> TileBins:
+    """`bin_gaussians` in C++: the same pairs in the same order (flat_ids, tile_start, tile_count), bit for bit.
+
+    CPU tensors of one floating dtype. The bins have no `chunks` (the C++ composite does not use them), so
+    they are for `rasterize_tiles_cpp` only, not for the torch `rasterize_tiles`.
+    """
+    ext = load_extension()
+    if ext is None:
+        raise RuntimeError(f"the C++ rasterizer could not be built: {_error}; {FIX}")
+    flat_ids, tile_start, tile_count = ext.bin_tiles(means2d.detach(), conics.detach(), opacities.detach(),
+                                                     extents.detach(), depths.detach(), visible, width, height,
+                                                     tile_size)
+    tiles_x, tiles_y = tile_grid(width, height, tile_size)
+    return TileBins(flat_ids, tile_start, tile_count, [], tiles_x, tiles_y)
 
 
 class _TileCompositeCpp(torch.autograd.Function):

@@ -81,8 +81,8 @@ def bin_gaussians(
     tiles_per_cam = tiles_x * tiles_y
     device = depths.device
 
-    # Visible Gaussians by camera, then front to back.
-    order = torch.argsort(torch.where(visible, depths, torch.inf), dim=-1)  # [C, N]
+    # Visible Gaussians by camera, then front to back; stable, so equal depths keep index order (as in C++).
+    order = torch.argsort(torch.where(visible, depths, torch.inf), dim=-1, stable=True)  # [C, N]
     flat = (order + torch.arange(C, device=device)[:, None] * N).reshape(-1)
     flat = flat[visible.reshape(-1).index_select(0, flat)]  # [V] ids c * N + n
     cam = torch.div(flat, N, rounding_mode="floor")

@@ -15,10 +15,12 @@ Backends (same signature, parity-tested):
 
 - ``"torch"``: the reference; tile-based, pure torch with a hand-written backward, runs on any
   device and dtype (float64 for gradcheck).
-- ``"cpp"``: the same tiles composited by a compiled C++/OpenMP kernel (`gen3d.ops._raster_cpp`),
-  CPU float32/float64 only; built on first use (about a minute, needs a C++ compiler and ninja) and
-  cached. It stops a pixel early as 3DGS does (below), so its alphas can be lower than torch's by
-  up to 0.01 (in practice < 1e-3, on average ~1e-4), about 3-5x faster than torch on 1 CPU thread.
+- ``"cpp"``: the same math compiled with C++/OpenMP: projection (`gen3d.ops._project_cpp`), the
+  same tile lists and compositing (`gen3d.ops._raster_cpp`); CPU float32/float64 only; built on
+  first use (about a minute, needs a C++ compiler and ninja) and cached. Projection and binning
+  match torch to rounding and pair for pair; compositing stops a pixel early as 3DGS does (below),
+  so its alphas can be lower than torch's by up to 0.01 (in practice < 1e-3, on average ~1e-4).
+  3-10x faster than torch (benchmarks/bench_rasterize.py).
 - ``"dense"``: all Gaussian-pixel pairs by plain autograd; a second reference and benchmark baseline.
 - ``"gsplat"``: gsplat's fused CUDA kernels; CUDA tensors only.
 - ``"auto"``: gsplat on CUDA when it imports, cpp on CPU when it builds, else torch (said once).
@@ -44,7 +46,7 @@ import torch
 from torch import Tensor
 
 from gen3d.errors import Gen3dError, MissingExtra, require
-from gen3d.ops import _raster_cpp
+from gen3d.ops import _project_cpp, _raster_cpp
 from gen3d.ops._projection import project_gaussians
 from gen3d.ops._raster_dense import rasterize_dense
 from gen3d.ops._raster_torch import bin_gaussians, rasterize_tiles
@@ -109,7 +111,11 @@ def rasterize_gaussians(
             near_plane, far_plane, eps2d, tile_size,
         )
 
-    proj = project_gaussians(means, quats, scales, opacities, viewmats, Ks, width, height, near_plane, far_plane, eps2d)
+    # backend "cpp": projection, binning and compositing all compiled (the projection falls back to torch
+    # on its own if only its extension fails to build)
+    project = (_project_cpp.project_gaussians_cpp if backend == "cpp" and _project_cpp.project_cpp_available()
+               else project_gaussians)
+    proj = project(means, quats, scales, opacities, viewmats, Ks, width, height, near_plane, far_plane, eps2d)
     means2d = proj.means2d
     if means2d.requires_grad:
         means2d.retain_grad()
@@ -117,11 +123,12 @@ def rasterize_gaussians(
     feats = torch.cat([colors.expand(C, N, -1), proj.depths[..., None]], dim=-1)  # [C, N, D + 1]
     opac = opacities.expand(C, N)
     if backend in ("torch", "cpp"):
-        bins = bin_gaussians(
+        binning, composite = ((bin_gaussians, rasterize_tiles) if backend == "torch"
+                              else (_raster_cpp.bin_gaussians_cpp, _raster_cpp.rasterize_tiles_cpp))
+        bins = binning(
             means2d.detach(), proj.conics.detach(), opac.detach(), proj.extents, proj.depths.detach(), proj.visible,
             width, height, tile_size,
         )
-        composite = rasterize_tiles if backend == "torch" else _raster_cpp.rasterize_tiles_cpp
         acc, trans = composite(means2d, proj.conics, opac, feats, bins, width, height, tile_size)
     else:
         acc, trans = rasterize_dense(means2d, proj.conics, opac, feats, proj.depths, proj.visible, width, height)

@@ -128,6 +128,78 @@ def test_gradcheck_low_level(ext, stacked):
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
+# --- binning -----------------------------------------------------------------------------------------
+
+def _screen_scene(C, N, W, H, dtype, seed):
+    """Random screen-space inputs of `bin_gaussians`: partly off screen, sigmas from 0.1 to 100 pixels,
+    some behind the camera or below 1/255 opacity (not visible)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.rand(*shape, generator=g, dtype=F64)
+
+    means2d = torch.stack([r(C, N) * (W + 40) - 20, r(C, N) * (H + 40) - 20], -1)
+    sx, sy, rho = 10 ** (r(C, N) * 3 - 1), 10 ** (r(C, N) * 3 - 1), (r(C, N) * 2 - 1) * 0.95
+    cov = torch.stack([sx * sx, rho * sx * sy, sy * sy], -1)
+    det = cov[..., 0] * cov[..., 2] - cov[..., 1] ** 2
+    conics = torch.stack([cov[..., 2] / det, -cov[..., 1] / det, cov[..., 0] / det], -1)
+    opac = r(C, N) * 1.01
+    radius = torch.sqrt(2 * torch.log((opac * 255).clamp_min(1)))  # as in project_gaussians
+    extents = torch.stack([radius * sx, radius * sy], -1) * (1 + 1e-4) + 1e-4
+    depths = r(C, N) * 10 - 1
+    lo, hi = means2d - extents, means2d + extents
+    visible = (depths > 0.1) & (opac >= 1 / 255) & (hi > 0).all(-1) & (lo[..., 0] < W) & (lo[..., 1] < H)
+    return [t.to(dtype) for t in (means2d, conics, opac, extents, depths)] + [visible]
+
+
+def _assert_same_bins(args, W, H, ts):
+    ref, cpp = bin_gaussians(*args, W, H, ts), _raster_cpp.bin_gaussians_cpp(*args, W, H, ts)
+    assert (cpp.tiles_x, cpp.tiles_y) == (ref.tiles_x, ref.tiles_y)
+    for name in ("flat_ids", "tile_start", "tile_count"):
+        assert torch.equal(getattr(cpp, name), getattr(ref, name)), name
+    return ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("ts", [8, 16])
+@pytest.mark.parametrize("seed,C,N,W,H", [(0, 1, 400, 64, 64), (1, 3, 300, 37, 23), (2, 2, 500, 50, 61),
+                                           (3, 2, 1, 17, 9), (4, 2, 0, 20, 20)])
+def test_binning_matches_torch(ext, dtype, ts, seed, C, N, W, H):
+    args = _screen_scene(C, N, W, H, dtype, seed)
+    ref = _assert_same_bins(args, W, H, ts)
+    if N > 1:
+        assert 0 < args[-1].sum() < C * N and ref.num_pairs > args[-1].sum()  # some culled, some multi-tile
+
+
+@pytest.mark.parametrize("case", ["ties", "on-pixel-centers", "nothing-visible"])
+def test_binning_matches_torch_borderline(ext, case):
+    W, H, ts = 40, 28, 8
+    means2d, conics, opac, extents, depths, visible = _screen_scene(2, 300, W, H, torch.float32, 9)
+    if case == "ties":  # equal depths keep index order in both (a stable sort)
+        depths = depths.round().abs() + 1
+    elif case == "on-pixel-centers":  # centers and ellipse edges on pixel centers and tile borders
+        means2d = (means2d * 2).round() / 2
+        conics = conics.clone()
+        conics[..., 1] = 0
+        opac = torch.full_like(opac, 0.8)
+    else:
+        visible = torch.zeros_like(visible)
+    ref = _assert_same_bins((means2d, conics, opac, extents, depths, visible), W, H, ts)
+    assert (ref.num_pairs == 0) == (case == "nothing-visible")
+
+
+@pytest.mark.parametrize("case", ["behind-camera", "degenerate", "huge", "odd-size", "single-pixel"])
+def test_binning_of_projected_scenes_matches_torch(ext, case):
+    gauss, viewmats, Ks, W, H = _edge_scene(case)
+    for dtype in (torch.float32, F64):
+        g = {k: v.to(dtype) for k, v in gauss.items()}
+        proj = project_gaussians(g["means"], g["quats"], g["scales"], g["opacities"], viewmats.to(dtype),
+                                 Ks.to(dtype), W, H, 0.01, 1e10, 0.3)
+        opac = g["opacities"].expand(2, -1)
+        for ts in (4, 16):
+            _assert_same_bins((proj.means2d, proj.conics, opac, proj.extents, proj.depths, proj.visible), W, H, ts)
+
+
 # --- edge cases --------------------------------------------------------------------------------------
 
 def _edge_scene(case: str):

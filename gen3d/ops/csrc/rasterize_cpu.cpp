@@ -38,7 +38,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -325,6 +327,150 @@ Bins make_bins(const torch::Tensor& flat_ids, const torch::Tensor& tile_start, c
           tile_count.numel()};
 }
 
+// --- binning ---------------------------------------------------------------------------------------
+//
+// The pairs of _raster_torch.bin_gaussians, with the same floating-point operations in the same order
+// and in the inputs' precision, so that exactly the same pairs are kept: per camera, the visible
+// Gaussians sorted front to back (stable), each paired with the tiles of every tile row of its screen
+// box that its alpha >= 1/255 ellipse reaches (`EllipseRows` is _ellipse_row_span), then a counting
+// sort by tile that keeps the depth order within each tile. OpenMP over cameras.
+
+// torch.maximum / torch.minimum: NaN if either is NaN.
+template <typename T>
+inline T nan_max(T a, T b) { return (a != a || b != b) ? std::numeric_limits<T>::quiet_NaN() : std::max(a, b); }
+template <typename T>
+inline T nan_min(T a, T b) { return (a != a || b != b) ? std::numeric_limits<T>::quiet_NaN() : std::min(a, b); }
+
+// x / tile_size as torch computes it, by a multiplication when tile_size is a power of two (then exact: same result).
+template <typename scalar_t>
+struct TileDivider {
+  scalar_t size, inverse;
+  bool power_of_two;
+  explicit TileDivider(int64_t tile_size)
+      : size(scalar_t(tile_size)), inverse(scalar_t(1) / scalar_t(tile_size)),
+        power_of_two((tile_size & (tile_size - 1)) == 0) {}
+  scalar_t operator()(scalar_t x) const { return power_of_two ? x * inverse : x / size; }
+};
+
+// The ellipse q = d^T conic d <= reach of one Gaussian, row by row of tiles: _ellipse_row_span and the
+// column formulas of bin_gaussians after it, operation by operation (the per-Gaussian terms hoisted).
+template <typename scalar_t>
+class EllipseRows {
+ public:
+  // `reach` is 2 log(o / ALPHA_MIN), before the slack.
+  EllipseRows(const scalar_t* mean, const scalar_t* conic, scalar_t reach, const Grid& grid)
+      : mx_(mean[0]), my_(mean[1]), a_(conic[0]), b_(conic[1]), ts_(grid.tile_size), tiles_x_(grid.tiles_x),
+        per_tile_(grid.tile_size) {
+    reach_ = reach * scalar_t(1 + 1e-4) + scalar_t(1e-4);
+    det_ = a_ * conic[2] - b_ * b_;
+    dy_max_ = std::sqrt(reach_ * a_ / det_);
+    dy_right_ = -b_ * std::sqrt(reach_ / (conic[2] * det_));
+  }
+
+  // Inclusive tile columns [tx0, tx1] whose pixel centers meet the ellipse within tile row `row`; false if none.
+  bool columns(int64_t row, int64_t& tx0, int64_t& tx1) const {
+    const scalar_t lo = nan_max(scalar_t(row * ts_ + 0.5) - my_, -dy_max_);  // row * ts + 0.5 is exact (< 2^23)
+    const scalar_t hi = nan_min(scalar_t(row * ts_ + ts_ - 0.5) - my_, dy_max_);
+    if (lo > hi) return false;  // the ellipse does not reach this tile row
+    const scalar_t x_hi = edge(nan_min(nan_max(dy_right_, lo), hi), scalar_t(1));
+    const scalar_t x_lo = edge(nan_min(nan_max(-dy_right_, lo), hi), scalar_t(-1));
+    const scalar_t col0 = std::ceil(per_tile_(x_lo + scalar_t(0.5)) - scalar_t(1));
+    const scalar_t col1 = std::floor(per_tile_(x_hi - scalar_t(0.5)));
+    if (col0 != col0 || col1 != col1) return false;  // NaN (a degenerate conic): torch would make invalid tile ids
+    tx0 = static_cast<int64_t>(std::min(std::max(col0, scalar_t(0)), scalar_t(tiles_x_)));
+    tx1 = static_cast<int64_t>(std::min(std::max(col1, scalar_t(-1)), scalar_t(tiles_x_ - 1)));
+    return tx0 <= tx1;
+  }
+
+ private:
+  scalar_t edge(scalar_t dy, scalar_t sign) const {  // x of the ellipse's right (+1) or left (-1) edge at dy
+    return mx_ - b_ * dy / a_ + sign * std::sqrt(nan_max(a_ * reach_ - det_ * dy * dy, scalar_t(0))) / a_;
+  }
+
+  scalar_t mx_, my_, a_, b_, reach_, det_, dy_max_, dy_right_;
+  int64_t ts_, tiles_x_;
+  TileDivider<scalar_t> per_tile_;
+};
+
+// The visible Gaussians of one camera front to back, ties in index order (a stable argsort): an LSD radix
+// sort on the depths' bits, mapped to unsigned integers of the same order.
+template <typename scalar_t>
+void depth_order(const scalar_t* depths, const bool* visible, int64_t N, std::vector<int64_t>& order) {
+  using key_t = std::conditional_t<sizeof(scalar_t) == 4, uint32_t, uint64_t>;
+  constexpr key_t sign = key_t(1) << (8 * sizeof(key_t) - 1);
+  std::vector<key_t> keys, keys_tmp;
+  std::vector<int64_t> order_tmp;
+  order.clear();
+  for (int64_t n = 0; n < N; ++n) {
+    if (!visible[n]) continue;
+    const scalar_t depth = depths[n] + scalar_t(0);  // -0 -> +0: they tie, as in torch
+    key_t bits;
+    std::memcpy(&bits, &depth, sizeof(bits));
+    keys.push_back(bits & sign ? ~bits : bits | sign);
+    order.push_back(n);
+  }
+  const int64_t V = static_cast<int64_t>(order.size());
+  keys_tmp.resize(V);
+  order_tmp.resize(V);
+  for (int shift = 0; shift < int(8 * sizeof(key_t)); shift += 8) {
+    int64_t offset[257] = {0};
+    for (const key_t k : keys) ++offset[((k >> shift) & 0xff) + 1];
+    if (std::any_of(offset + 1, offset + 257, [V](int64_t n) { return n == V; })) continue;  // one digit: no-op
+    for (int d = 0; d < 256; ++d) offset[d + 1] += offset[d];
+    for (int64_t i = 0; i < V; ++i) {
+      const int64_t to = offset[(keys[i] >> shift) & 0xff]++;
+      keys_tmp[to] = keys[i];
+      order_tmp[to] = order[i];
+    }
+    keys.swap(keys_tmp);
+    order.swap(order_tmp);
+  }
+}
+
+// One camera's pairs before the counting sort: per (Gaussian, tile row) entry, in depth order, its Gaussian,
+// tile row and inclusive tile columns.
+struct RowEntry {
+  int64_t gaussian;
+  int32_t row, tx0, tx1;
+};
+
+template <typename scalar_t>
+void bin_camera(int64_t c, int64_t N, const scalar_t* means, const scalar_t* conics, const scalar_t* reach,
+                const scalar_t* extents, const scalar_t* depths, const bool* visible, const Grid& grid,
+                std::vector<RowEntry>& entries, int64_t* tile_count /* [T] of this camera */) {
+  const int64_t off = c * N;
+  const TileDivider<scalar_t> per_tile(grid.tile_size);
+  std::vector<int64_t> order;
+  depth_order(depths + off, visible + off, N, order);
+  entries.clear();
+  for (const int64_t n : order) {
+    const int64_t g = off + n;
+    const scalar_t my = means[2 * g + 1], ey = extents[2 * g + 1];
+    // The tile rows of the box: floor(...).long() clamped as in torch (rows out of range, where torch fails, skipped).
+    const scalar_t f0 = std::floor(per_tile(my - ey)), f1 = std::floor(per_tile(my + ey));
+    const int64_t y0 = f0 >= 0 ? (f0 < scalar_t(grid.tiles_y) ? static_cast<int64_t>(f0) : grid.tiles_y) : 0;
+    const int64_t y1 = f1 <= scalar_t(grid.tiles_y - 1) ? (f1 >= -1 ? static_cast<int64_t>(f1) : -1) : grid.tiles_y - 1;
+    const EllipseRows<scalar_t> ellipse(means + 2 * g, conics + 3 * g, reach[g], grid);
+    for (int64_t row = y0; row <= y1; ++row) {
+      int64_t tx0, tx1;
+      if (!ellipse.columns(row, tx0, tx1)) continue;
+      entries.push_back({g, static_cast<int32_t>(row), static_cast<int32_t>(tx0), static_cast<int32_t>(tx1)});
+      for (int64_t tx = tx0; tx <= tx1; ++tx) ++tile_count[row * grid.tiles_x + tx];
+    }
+  }
+}
+
+template <typename scalar_t>
+void bin_cameras(int64_t C, int64_t N, const scalar_t* means, const scalar_t* conics, const scalar_t* reach,
+                 const scalar_t* extents, const scalar_t* depths, const bool* visible, const Grid& grid,
+                 int num_threads, std::vector<std::vector<RowEntry>>& entries, int64_t* tile_count /* [C * T] */) {
+  const int64_t T = grid.tiles_x * grid.tiles_y;
+#pragma omp parallel for schedule(dynamic) num_threads(num_threads)
+  for (int64_t c = 0; c < C; ++c) {
+    bin_camera(c, N, means, conics, reach, extents, depths, visible, grid, entries[c], tile_count + c * T);
+  }
+}
+
 }  // namespace
 
 // -> out [C, H, W, F], t_final [C, H, W], n_contrib [C, H, W] int32
@@ -394,8 +540,60 @@ std::vector<torch::Tensor> rasterize_backward(torch::Tensor means2d, torch::Tens
           total.slice(2, kGradGeo).contiguous()};
 }
 
+// -> flat_ids [M] (c * N + n), tile_start [C * T], tile_count [C * T]: _raster_torch.bin_gaussians' TileBins
+std::vector<torch::Tensor> bin_tiles(torch::Tensor means2d, torch::Tensor conics, torch::Tensor opacities,
+                                     torch::Tensor extents, torch::Tensor depths, torch::Tensor visible,
+                                     int64_t width, int64_t height, int64_t tile_size) {
+  TORCH_CHECK(depths.dim() == 2, "depths must be [C, N]");
+  const auto C = depths.size(0), N = depths.size(1);
+  TORCH_CHECK(means2d.sizes() == torch::IntArrayRef({C, N, 2}) && extents.sizes() == means2d.sizes(),
+              "means2d and extents must be [C, N, 2]");
+  TORCH_CHECK(conics.sizes() == torch::IntArrayRef({C, N, 3}), "conics must be [C, N, 3]");
+  TORCH_CHECK(opacities.sizes() == depths.sizes() && visible.sizes() == depths.sizes(),
+              "opacities and visible must be [C, N]");
+  for (const auto* t : {&means2d, &conics, &opacities, &extents, &depths}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == depths.scalar_type(),
+                "means2d, conics, opacities, extents and depths must be CPU tensors of one dtype");
+  }
+  TORCH_CHECK(visible.device().is_cpu() && visible.scalar_type() == torch::kBool, "visible must be a CPU bool tensor");
+  TORCH_CHECK(width > 0 && height > 0 && tile_size > 0, "width, height and tile_size must be positive");
+  const Grid grid{(width + tile_size - 1) / tile_size, (height + tile_size - 1) / tile_size, tile_size, width, height};
+  TORCH_CHECK(grid.tiles_y * tile_size + tile_size < (int64_t(1) << 23), "the image is too tall to bin exactly");
+  const int64_t T = grid.tiles_x * grid.tiles_y;
+  auto means = means2d.contiguous(), conic = conics.contiguous(), ext = extents.contiguous();
+  auto depth = depths.contiguous(), vis = visible.contiguous();
+  // torch's own log, as in bin_gaussians: its vectorized one (MKL or Sleef) can differ from std::log by an ulp.
+  auto reach = (2.0 * at::log(opacities.contiguous() / kAlphaMin)).contiguous();
+  auto tile_count = torch::zeros({C * T}, depths.options().dtype(torch::kInt64));
+  int64_t* count = tile_count.data_ptr<int64_t>();
+  std::vector<std::vector<RowEntry>> entries(C);
+  AT_DISPATCH_FLOATING_TYPES(depths.scalar_type(), "bin_tiles", [&] {
+    bin_cameras<scalar_t>(C, N, means.data_ptr<scalar_t>(), conic.data_ptr<scalar_t>(), reach.data_ptr<scalar_t>(),
+                          ext.data_ptr<scalar_t>(), depth.data_ptr<scalar_t>(), vis.data_ptr<bool>(), grid,
+                          at::get_num_threads(), entries, count);
+  });
+  auto tile_start = torch::empty_like(tile_count);
+  int64_t* start = tile_start.data_ptr<int64_t>();
+  int64_t pairs = 0;
+  for (int64_t t = 0; t < C * T; ++t) {
+    start[t] = pairs;
+    pairs += count[t];
+  }
+  auto flat_ids = torch::empty({pairs}, tile_count.options());
+  int64_t* ids = flat_ids.data_ptr<int64_t>();
+#pragma omp parallel for schedule(dynamic) num_threads(at::get_num_threads())
+  for (int64_t c = 0; c < C; ++c) {  // counting sort: entries are in depth order, so each tile's list is too
+    std::vector<int64_t> cursor(start + c * T, start + (c + 1) * T);
+    for (const RowEntry& e : entries[c]) {
+      for (int64_t tx = e.tx0; tx <= e.tx1; ++tx) ids[cursor[e.row * grid.tiles_x + tx]++] = e.gaussian;
+    }
+  }
+  return {flat_ids, tile_start, tile_count};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "CPU compositing of binned 3D Gaussians (gen3d.ops._raster_cpp)";
   m.def("forward", &rasterize_forward, "Composite tile lists: out [C,H,W,F], t_final [C,H,W], n_contrib [C,H,W]");
   m.def("backward", &rasterize_backward, "Gradients w.r.t. means2d, conics, opacities, feats");
+  m.def("bin_tiles", &bin_tiles, "Tile lists of visible Gaussians: flat_ids [M], tile_start [C*T], tile_count [C*T]");
 }

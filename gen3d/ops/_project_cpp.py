@@ -1,0 +1,129 @@
+"""The compiled CPU projection: `_projection.project_gaussians` as a C++/OpenMP extension.
+
+Same signature, same formulas, same clamps and culling as the torch reference (the kernels are in
+csrc/project_cpu.cpp); one fused pass per Gaussian instead of ~60 small torch ops, and a hand-written
+backward from the gradients of means2d, conics and depths (the differentiable outputs) to means,
+quats and scales. Gaussians are spread over torch's threads (`torch.set_num_threads`) with OpenMP;
+each Gaussian sums its cameras' gradients itself, so results do not depend on the number of threads.
+
+Differences from the reference: outputs agree to rounding (the reference's einsum/matmul may sum in
+another order), so in float32 a Gaussian exactly on a culling boundary or a radius exactly at an
+integer may land on the other side. Cameras are not differentiated: when viewmats or Ks require
+grad, the torch reference is used instead.
+
+Built and cached like `_raster_cpp` (same cache directory, source hash in the extension name, one
+warning and the torch reference when it cannot be built).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from gen3d.ops._projection import Projection, project_gaussians
+from gen3d.ops._raster_cpp import FIX, _short_reason, compile_extension
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "project_cpu.cpp"
+
+_lock = threading.Lock()
+_module = None
+_error: str | None = None  # why the extension could not be built, once tried
+_warned = False
+
+
+def _build():
+    return compile_extension(SOURCE, "gen3d_project_cpu", "projection")
+
+
+def load_extension():
+    """The compiled module, or None when it cannot be built (`build_error()` says why). Built at most once."""
+    global _module, _error
+    with _lock:
+        if _module is None and _error is None:
+            try:
+                _module = _build()
+            except Exception as exc:  # any failure (no compiler, compile error, bad cache) means: use torch
+                _error = _short_reason(exc)
+        return _module
+
+
+def build_error() -> str | None:
+    """Why the extension could not be built, or None (built, or not tried yet)."""
+    return _error
+
+
+def project_cpp_available() -> bool:
+    """Whether the C++ projection can be used (builds it on first call); warns once when it cannot."""
+    global _warned
+    available = load_extension() is not None
+    if not available and not _warned:
+        _warned = True
+        logger.warning("the C++ projection is unavailable (%s); the torch projection is used instead. "
+                       "To enable it, %s.", _error, FIX)
+    return available
+
+
+class _ProjectCpp(torch.autograd.Function):
+    """`project_gaussians` with C++ kernels; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, means, quats, scales, opacities, viewmats, Ks, width: int, height: int, near_plane: float,
+                far_plane: float, eps2d: float):
+        ext = load_extension()
+        if ext is None:
+            raise RuntimeError(f"the C++ projection could not be built: {_error}; {FIX}")
+        C, N = viewmats.shape[0], means.shape[0]
+        dtype = means.dtype
+        tensors = [t.detach().to(dtype).contiguous() for t in (means, quats, scales, viewmats, Ks)]
+        opac = opacities.detach().to(dtype).expand(C, N).contiguous()  # [C, N]
+        scalars = (int(width), int(height), float(near_plane), float(far_plane), float(eps2d))
+        means2d, conics, depths, visible, extents, radii = ext.forward(*tensors[:3], opac, *tensors[3:], *scalars)
+        ctx.save_for_backward(*tensors)
+        ctx.scalars = scalars
+        ctx.mark_non_differentiable(visible, extents, radii)
+        return means2d, conics, depths, visible, extents, radii
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_means2d, grad_conics, grad_depths, _grad_visible, _grad_extents, _grad_radii):
+        means, quats, scales, viewmats, Ks = ctx.saved_tensors
+        C, N = viewmats.shape[0], means.shape[0]
+
+        def dense(grad, shape):  # autograd passes None for an unused output
+            return means.new_zeros(shape) if grad is None else grad.to(means.dtype).contiguous()
+
+        d_means, d_quats, d_scales = load_extension().backward(
+            means, quats, scales, viewmats, Ks, *ctx.scalars,
+            dense(grad_means2d, (C, N, 2)), dense(grad_conics, (C, N, 3)), dense(grad_depths, (C, N)),
+        )
+        return d_means, d_quats, d_scales, None, None, None, None, None, None, None, None
+
+
+def project_gaussians_cpp(
+    means: Tensor,  # [N, 3]
+    quats: Tensor,  # [N, 4]
+    scales: Tensor,  # [N, 3]
+    opacities: Tensor,  # [N]
+    viewmats: Tensor,  # [C, 4, 4]
+    Ks: Tensor,  # [C, 3, 3]
+    width: int,
+    height: int,
+    near_plane: float,
+    far_plane: float,
+    eps2d: float,
+) -> Projection:
+    """`project_gaussians` in C++ for float32/float64 CPU tensors (torch reference when cameras need grad)."""
+    if viewmats.requires_grad or Ks.requires_grad:  # the kernel does not differentiate the cameras
+        return project_gaussians(means, quats, scales, opacities, viewmats, Ks, width, height, near_plane,
+                                 far_plane, eps2d)
+    means2d, conics, depths, visible, extents, radii = _ProjectCpp.apply(
+        means, quats, scales, opacities, viewmats, Ks, width, height, near_plane, far_plane, eps2d,
+    )
+    return Projection(means2d, conics, depths, visible, extents, radii)

@@ -18,7 +18,6 @@ warning and the torch reference when it cannot be built).
 from __future__ import annotations
 
 import logging
-import threading
 from pathlib import Path
 
 import torch
@@ -26,48 +25,28 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from gen3d.ops._projection import Projection, project_gaussians
-from gen3d.ops._raster_cpp import FIX, _short_reason, compile_extension
+from gen3d.ops._raster_cpp import FIX, CppExtension
 
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "project_cpu.cpp"
 
-_lock = threading.Lock()
-_module = None
-_error: str | None = None  # why the extension could not be built, once tried
-_warned = False
-
-
-def _build():
-    return compile_extension(SOURCE, "gen3d_project_cpu", "projection")
+EXTENSION = CppExtension(SOURCE, "gen3d_project_cpu", "projection", "the torch projection")
 
 
 def load_extension():
     """The compiled module, or None when it cannot be built (`build_error()` says why). Built at most once."""
-    global _module, _error
-    with _lock:
-        if _module is None and _error is None:
-            try:
-                _module = _build()
-            except Exception as exc:  # any failure (no compiler, compile error, bad cache) means: use torch
-                _error = _short_reason(exc)
-        return _module
+    return EXTENSION.load()
 
 
 def build_error() -> str | None:
     """Why the extension could not be built, or None (built, or not tried yet)."""
-    return _error
+    return EXTENSION.error
 
 
 def project_cpp_available() -> bool:
     """Whether the C++ projection can be used (builds it on first call); warns once when it cannot."""
-    global _warned
-    available = load_extension() is not None
-    if not available and not _warned:
-        _warned = True
-        logger.warning("the C++ projection is unavailable (%s); the torch projection is used instead. "
-                       "To enable it, %s.", _error, FIX)
-    return available
+    return EXTENSION.available()
 
 
 class _ProjectCpp(torch.autograd.Function):
@@ -78,7 +57,7 @@ class _ProjectCpp(torch.autograd.Function):
                 far_plane: float, eps2d: float):
         ext = load_extension()
         if ext is None:
-            raise RuntimeError(f"the C++ projection could not be built: {_error}; {FIX}")
+            raise RuntimeError(f"the C++ projection could not be built: {EXTENSION.error}; {FIX}")
         C, N = viewmats.shape[0], means.shape[0]
         dtype = means.dtype
         tensors = [t.detach().to(dtype).contiguous() for t in (means, quats, scales, viewmats, Ks)]

@@ -53,10 +53,6 @@ CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
 LDFLAGS = ["-fopenmp"]
 FIX = "install a C++ compiler with OpenMP and ninja (e.g. `apt-get install g++` and `pip install ninja`)"
 
-_lock = threading.Lock()
-_module = None
-_error: str | None = None  # why the extension could not be built, once tried
-_warned = False
 
 
 def cache_dir() -> Path:
@@ -93,12 +89,34 @@ def compile_extension(source: Path, prefix: str, what: str):
                               build_directory=str(build_dir), verbose=False)
 
 
-def _extension_name() -> str:
-    return extension_name(SOURCE, "gen3d_rasterize_cpu")
+class CppExtension:
+    """One C++ source compiled on first use and cached: `load()` gives the module, or None when it cannot
+    be built (`error` says why, and `available()` warns once that `fallback` is used instead)."""
 
+    def __init__(self, source: Path, prefix: str, what: str, fallback: str, build=None):
+        self.source, self.prefix, self.what, self.fallback = source, prefix, what, fallback
+        self._build = build or (lambda: compile_extension(self.source, self.prefix, self.what))
+        self._lock = threading.Lock()
+        self.module = None
+        self.error: str | None = None  # why it could not be built, once tried
+        self._warned = False
 
-def _build():
-    return compile_extension(SOURCE, "gen3d_rasterize_cpu", "rasterizer")
+    def load(self):
+        with self._lock:
+            if self.module is None and self.error is None:
+                try:
+                    self.module = self._build()
+                except Exception as exc:  # any failure (no compiler, compile error, bad cache) means: use torch
+                    self.error = _short_reason(exc)
+            return self.module
+
+    def available(self) -> bool:
+        available = self.load() is not None
+        if not available and not self._warned:
+            self._warned = True
+            logger.warning("the C++ %s is unavailable (%s); %s is used instead. To enable it, %s.",
+                           self.what, self.error, self.fallback, FIX)
+        return available
 
 
 def _short_reason(exc: Exception) -> str:
@@ -108,32 +126,26 @@ def _short_reason(exc: Exception) -> str:
     return (errors[0] if errors else lines[-1] if lines else type(exc).__name__)[:300]
 
 
+EXTENSION = CppExtension(SOURCE, "gen3d_rasterize_cpu", "rasterizer", "the pure-torch tile rasterizer")
+
+
+def _extension_name() -> str:
+    return extension_name(SOURCE, EXTENSION.prefix)
+
+
 def load_extension():
     """The compiled module, or None when it cannot be built (`build_error()` says why). Built at most once."""
-    global _module, _error
-    with _lock:
-        if _module is None and _error is None:
-            try:
-                _module = _build()
-            except Exception as exc:  # any failure (no compiler, compile error, bad cache) means: use torch
-                _error = _short_reason(exc)
-        return _module
+    return EXTENSION.load()
 
 
 def build_error() -> str | None:
     """Why the extension could not be built, or None (built, or not tried yet)."""
-    return _error
+    return EXTENSION.error
 
 
 def cpp_available() -> bool:
     """Whether the C++ rasterizer can be used (builds it on first call); warns once when it cannot."""
-    global _warned
-    available = load_extension() is not None
-    if not available and not _warned:
-        _warned = True
-        logger.warning("the C++ rasterizer is unavailable (%s); the pure-torch tile rasterizer is used instead. "
-                       "To enable it, %s.", _error, FIX)
-    return available
+    return EXTENSION.available()
 
 
 @torch.no_grad()
@@ -155,7 +167,7 @@ def bin_gaussians_cpp(
     """
     ext = load_extension()
     if ext is None:
-        raise RuntimeError(f"the C++ rasterizer could not be built: {_error}; {FIX}")
+        raise RuntimeError(f"the C++ rasterizer could not be built: {EXTENSION.error}; {FIX}")
     flat_ids, tile_start, tile_count = ext.bin_tiles(means2d.detach(), conics.detach(), opacities.detach(),
                                                      extents.detach(), depths.detach(), visible, width, height,
                                                      tile_size)
@@ -171,7 +183,7 @@ class _TileCompositeCpp(torch.autograd.Function):
                 t_min: float):
         ext = load_extension()
         if ext is None:
-            raise RuntimeError(f"the C++ rasterizer could not be built: {_error}; {FIX}")
+            raise RuntimeError(f"the C++ rasterizer could not be built: {EXTENSION.error}; {FIX}")
         tensors = [t.detach().contiguous() for t in (means2d, conics, opacities, feats)]
         geometry = (bins.tiles_x, bins.tiles_y, tile_size, width, height)
         out, t_final, n_contrib = ext.forward(*tensors, bins.flat_ids, bins.tile_start, bins.tile_count,

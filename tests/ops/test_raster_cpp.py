@@ -290,10 +290,9 @@ def unbuildable(monkeypatch):
     def fail():
         raise RuntimeError("Error building extension 'x'\nrasterize_cpu.cpp:1: error: no compiler here")
 
-    monkeypatch.setattr(_raster_cpp, "_build", fail)
-    monkeypatch.setattr(_raster_cpp, "_module", None)
-    monkeypatch.setattr(_raster_cpp, "_error", None)
-    monkeypatch.setattr(_raster_cpp, "_warned", False)
+    ext = _raster_cpp.EXTENSION
+    monkeypatch.setattr(_raster_cpp, "EXTENSION", _raster_cpp.CppExtension(ext.source, ext.prefix, ext.what,
+                                                                           ext.fallback, build=fail))
 
 
 def test_failed_build_falls_back_to_torch_with_one_warning(unbuildable, caplog):

@@ -17,7 +17,6 @@ warning and the torch reference when it cannot be built).
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
@@ -25,9 +24,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from gen3d.ops._projection import Projection, project_gaussians
-from gen3d.ops._raster_cpp import FIX, CppExtension
-
-logger = logging.getLogger(__name__)
+from gen3d.ops._raster_cpp import CppExtension
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "project_cpu.cpp"
 
@@ -55,9 +52,7 @@ class _ProjectCpp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, means, quats, scales, opacities, viewmats, Ks, width: int, height: int, near_plane: float,
                 far_plane: float, eps2d: float):
-        ext = load_extension()
-        if ext is None:
-            raise RuntimeError(f"the C++ projection could not be built: {EXTENSION.error}; {FIX}")
+        ext = EXTENSION.require()
         C, N = viewmats.shape[0], means.shape[0]
         dtype = means.dtype
         tensors = [t.detach().to(dtype).contiguous() for t in (means, quats, scales, viewmats, Ks)]
@@ -78,7 +73,7 @@ class _ProjectCpp(torch.autograd.Function):
         def dense(grad, shape):  # autograd passes None for an unused output
             return means.new_zeros(shape) if grad is None else grad.to(means.dtype).contiguous()
 
-        d_means, d_quats, d_scales = load_extension().backward(
+        d_means, d_quats, d_scales = EXTENSION.require().backward(
             means, quats, scales, viewmats, Ks, *ctx.scalars,
             dense(grad_means2d, (C, N, 2)), dense(grad_conics, (C, N, 3)), dense(grad_depths, (C, N)),
         )

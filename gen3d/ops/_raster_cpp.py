@@ -110,6 +110,13 @@ class CppExtension:
                     self.error = _short_reason(exc)
             return self.module
 
+    def require(self):
+        """The compiled module; raises (with the build error and the fix) when it cannot be built."""
+        module = self.load()
+        if module is None:
+            raise RuntimeError(f"the C++ {self.what} could not be built: {self.error}; {FIX}")
+        return module
+
     def available(self) -> bool:
         available = self.load() is not None
         if not available and not self._warned:
@@ -165,9 +172,7 @@ def bin_gaussians_cpp(
     CPU tensors of one floating dtype. The bins have no `chunks` (the C++ composite does not use them), so
     they are for `rasterize_tiles_cpp` only, not for the torch `rasterize_tiles`.
     """
-    ext = load_extension()
-    if ext is None:
-        raise RuntimeError(f"the C++ rasterizer could not be built: {EXTENSION.error}; {FIX}")
+    ext = EXTENSION.require()
     flat_ids, tile_start, tile_count = ext.bin_tiles(means2d.detach(), conics.detach(), opacities.detach(),
                                                      extents.detach(), depths.detach(), visible, width, height,
                                                      tile_size)
@@ -181,9 +186,7 @@ class _TileCompositeCpp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, means2d, conics, opacities, feats, bins: TileBins, width: int, height: int, tile_size: int,
                 t_min: float):
-        ext = load_extension()
-        if ext is None:
-            raise RuntimeError(f"the C++ rasterizer could not be built: {EXTENSION.error}; {FIX}")
+        ext = EXTENSION.require()
         tensors = [t.detach().contiguous() for t in (means2d, conics, opacities, feats)]
         geometry = (bins.tiles_x, bins.tiles_y, tile_size, width, height)
         out, t_final, n_contrib = ext.forward(*tensors, bins.flat_ids, bins.tile_start, bins.tile_count,
@@ -197,7 +200,7 @@ class _TileCompositeCpp(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out, grad_t_final, _grad_n):
         *tensors, flat_ids, tile_start, tile_count, t_final, n_contrib = ctx.saved_tensors
-        d_means2d, d_conics, d_opacities, d_feats = load_extension().backward(
+        d_means2d, d_conics, d_opacities, d_feats = EXTENSION.require().backward(
             *tensors, flat_ids, tile_start, tile_count, *ctx.geometry, t_final, n_contrib,
             grad_out.contiguous(), grad_t_final.contiguous(),
         )

@@ -30,10 +30,9 @@ when transmittance falls below 1e-4 (the skipped contributions are < 1e-4 and th
 the cpp backend does, like 3DGS: a pixel stops before the first Gaussian that would take its
 transmittance below 1e-4 and leaves out that remaining transmittance (< 1e-4 / (1 - alpha) of that
 Gaussian, so < 0.01; see `gen3d.ops._raster_cpp`), and it is not smooth where a pixel's stopping
-point changes. Every tile
-backend pairs a Gaussian with exactly the tiles its alpha >= 1/255 ellipse reaches (radius
-sqrt(2 ln(255 o)) sigma, at most 3.33 sigma, rather than a 3-sigma box), so that the tile and dense
-backends agree to rounding. `radii` still reports the 3DGS 3-sigma radius, which densification
+point changes. Every tile backend pairs a Gaussian with exactly the tiles its alpha >= 1/255
+ellipse reaches (radius sqrt(2 ln(255 o)) sigma, at most 3.33 sigma, rather than a 3-sigma box),
+so that the tile and dense backends agree to rounding. `radii` still reports the 3DGS 3-sigma radius, which densification
 heuristics expect.
 """
 

@@ -84,7 +84,8 @@ def compile_extension(source: Path, prefix: str, what: str):
     build_dir = cache_dir() / name
     build_dir.mkdir(parents=True, exist_ok=True)
     if not any(build_dir.glob(f"{name}*.so")):
-        logger.info("compiling the C++ %s (once)... into %s", what, build_dir)
+        # printed, not logged: library INFO lines are not shown, and the first render waits on this
+        print(f"compiling the C++ {what} (once, about 40 s) into {build_dir} ...", file=sys.stderr, flush=True)
     return cpp_extension.load(name, [str(source)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
                               build_directory=str(build_dir), verbose=False)
 

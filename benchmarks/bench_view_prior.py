@@ -16,7 +16,9 @@ References in the same run, scored the same way:
 A sample-free figure of the same question, `pose_loss_ratio`: the prior's denoising error on the
 true novel view (noised at t = 100, 300, ..., 900 with fixed noise) given the right pose, divided
 by the error given the pose turned another 180 degrees. 1 means the prior ignores the camera; the
-lower, the more it uses it.
+lower, the more it uses it. The same figure for the other two parts of the pose, from the same input
+view: `elevation_loss_ratio` (targets at elevation 45 and -10, each scored with its own pose and with
+the other's) and `distance_loss_ratio` (targets 0.2 closer and 0.2 farther, likewise).
 
     python benchmarks/bench_view_prior.py                  # 8 seen objects + the 5 held-out pairs
     python benchmarks/bench_view_prior.py --quick          # 2 objects, 1 sample, 10 steps (smoke test)
@@ -82,6 +84,26 @@ def pose_loss_ratio(prior, inputs: torch.Tensor, truth: torch.Tensor, right: tor
     return errors["right"] / errors["wrong"]
 
 
+def swap_ratios(prior, obj, size: int) -> dict[str, float]:
+    """`pose_loss_ratio` for elevation and distance: two targets from the input camera moved up/down (or
+    closer/farther), each scored with its own pose (right) and with the other target's (wrong)."""
+    from gen3d.priors.view_conditioning import relative_pose
+    from gen3d.world.train_view_prior import SAMPLE_CAMERA, render_on_white
+
+    cam = SAMPLE_CAMERA
+    three = lambda v: torch.full((3,), float(v))
+    moves = {"elevation": (three(cam["azimuth"]), torch.tensor([cam["elevation"], 45.0, -10.0]), three(cam["distance"])),
+             "distance": (three(cam["azimuth"]), three(cam["elevation"]),
+                          torch.tensor([0.0, -0.2, 0.2]) + cam["distance"])}
+    ratios = {}
+    for name, (az, el, di) in moves.items():
+        views = render_on_white(obj, az, el, di, three(cam["fovy"]), size, 2).permute(0, 2, 3, 1)  # [3, h, w, 3]
+        right = relative_pose(el[0], az[0], di[0], el[1:], az[1:], di[1:])  # [2, 4]
+        ratios[f"{name}_loss_ratio"] = round(pose_loss_ratio(prior, views[:1].expand(2, -1, -1, -1), views[1:],
+                                                             right, right.flip(0)), 4)
+    return ratios
+
+
 def main(argv: list[str] | None = None) -> dict:
     from gen3d.priors.sampling import sample_novel_views
     from gen3d.priors.view_conditioning import ViewConditionedPrior, relative_pose
@@ -126,6 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
             result[name] = scores(images, truth)
         result["input_copy"] = scores(batch, truth)
         row = {"object": str(obj), "held_out": held, "pose_loss_ratio": round(pose_loss_ratio(prior, batch, truth, right, wrong), 4)}
+        row.update(swap_ratios(prior, obj, size))
         for name, figures in result.items():
             for metric, values in figures.items():
                 row[f"{name}_{metric}"] = _mean(values)

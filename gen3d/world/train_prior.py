@@ -409,10 +409,10 @@ class PriorTrainer(DiffusionTrainer):
 
 
 def render_views(obj, n: int, size: int, supersample: int, generator: torch.Generator,
-                 return_cameras: bool = False):
+                 return_cameras: bool = False, orbit: OrbitConfig = TRAIN_ORBIT):
     """n random views of `obj`: premultiplied color [n, 3, size, size], alpha [n, 1, size, size], view words.
 
-    Cameras follow `TRAIN_ORBIT` (the range text-to-3D presets on this prior sample from).
+    Cameras follow `orbit` (by default `TRAIN_ORBIT`, the range text-to-3D presets on this prior sample from).
     With `return_cameras`, a fourth element: the `Cameras` drawn (azimuth, elevation, distance per
     view; the random draws are the same either way).
     """
@@ -420,7 +420,7 @@ def render_views(obj, n: int, size: int, supersample: int, generator: torch.Gene
     from gen3d.priors.prompts import view_directions
     from gen3d.world.render import render_object
 
-    cams = sample_orbit(replace(TRAIN_ORBIT, batch_size=n), generator, width=size * supersample, height=size * supersample)
+    cams = sample_orbit(replace(orbit, batch_size=n), generator, width=size * supersample, height=size * supersample)
     out = render_object(obj, cams, background=(0.0, 0.0, 0.0), supersample=1)
     premult = F.avg_pool2d(out.rgb.permute(0, 3, 1, 2), supersample)
     alpha = F.avg_pool2d(out.alpha.permute(0, 3, 1, 2), supersample)

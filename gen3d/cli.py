@@ -3,6 +3,7 @@
     gen3d run dreamgaussian prompt="a red mug"        # a preset by name, or configs/x.yaml
     gen3d run @last --resume                          # continue the newest run
     gen3d export @last --format ply                   # standard 3DGS PLY (also glb, obj, mesh-ply, video)
+    gen3d convert @last to=gaussians steps=500        # distill a run into another representation
     gen3d configs                                     # list the presets
     gen3d run dreamgaussian --show-config             # every key, its value and what it does
 
@@ -128,6 +129,38 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    """`gen3d convert RUN to=... [steps=N] [convert.key=value] [target key=value]`."""
+    from gen3d.config import apply_overrides, from_dict
+    from gen3d.runs import resolve_run
+    from gen3d.systems.convert import ConvertConfig, check_target, convert_run, report_line
+
+    to, steps, settings, target = None, "500", [], []
+    for text in args.overrides:
+        key, _, value = text.partition("=")
+        if key == "to":
+            to = value
+        elif key == "steps":
+            steps = value
+        elif key.startswith("convert."):
+            settings.append(text.removeprefix("convert."))
+        else:
+            target.append(text)
+    if to is None:
+        raise Gen3dError("say what to convert to: to=hashgrid, to=triplane or to=gaussians")
+    check_target(to)
+    if not steps.strip().isdigit():
+        raise Gen3dError(f"steps must be a whole number >= 0, got steps={steps}")
+    try:
+        cfg = from_dict(ConvertConfig, apply_overrides(ConvertConfig, {}, settings))
+    except ConfigError as exc:
+        raise ConfigError(f"convert.*: {exc}") from None
+    run_dir, report = convert_run(resolve_run(args.run, args.output_dir), to, int(steps), target, cfg)
+    print(run_dir)
+    print(report_line(report))
+    return 0
+
+
 def cmd_world_train(args: argparse.Namespace) -> int:
     """`gen3d world train-prior` / `train-view-prior`: one trainer, configured by overrides, resumable."""
     from gen3d.config import apply_overrides, describe, from_dict
@@ -184,7 +217,9 @@ def _output_dir(overrides: list[str]) -> str:
     return "outputs"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; `verb` (the command line's first word) lets verbs whose help needs heavy imports
+    build it only when they are asked for (`gen3d --help` stays fast)."""
     from gen3d import __version__
     from gen3d.systems.base import EXPORT_FORMATS
 
@@ -216,6 +251,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output-dir", default="outputs", help="where @last looks for runs")
     export.set_defaults(func=cmd_export)
 
+    convert = sub.add_parser(
+        "convert", help="distill a run into another representation (hash grid, triplane, 3D Gaussians)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_convert_help() if verb == "convert" else "Distill a run into another representation.")
+    convert.add_argument("run", help="run folder or @last (a dreamfusion or dreamgaussian run with a checkpoint)")
+    convert.add_argument("overrides", nargs="*", metavar="key=value",
+                         help="to=hashgrid|triplane|gaussians (required), steps=N (default 500), convert.<key>=... "
+                              "for the distillation, anything else for the new run's config")
+    convert.add_argument("--output-dir", default="outputs", help="where @last looks for runs")
+    convert.set_defaults(func=cmd_convert)
+
     world = sub.add_parser("world", help="the embedded Shapes world: catalog pictures, prior training")
     wsub = world.add_subparsers(dest="world_verb", metavar="<world-verb>", required=True)
     trainers = {
@@ -242,8 +288,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _convert_help() -> str:
+    from gen3d.config import describe
+    from gen3d.systems.convert import ConvertConfig
+
+    settings = "\n".join(f"  convert.{line}" for line in describe(ConvertConfig()))
+    return (
+        "Distill a trained run into another representation (Progressive Volume Distillation, Fang et al. 2023):\n"
+        "  to=hashgrid | to=triplane   a new dreamfusion run with that field\n"
+        "  to=gaussians                a new dreamgaussian run\n"
+        "The new field matches the source's per-step opacity and albedo at random points and its renders from random\n"
+        "cameras of the source's orbit; Gaussians start on the source's surface and are fitted to its renders. The new\n"
+        "run folder (printed; under the source's output_dir unless output_dir=... is given) holds a checkpoint at\n"
+        "step 0 and convert.json: the PSNR of its renders against the source's on a held-out orbit, at\n"
+        "initialization and after distillation. Then `gen3d export NEW`, or `gen3d run NEW --resume` to continue\n"
+        "with SDS.\n\n"
+        "Examples:\n"
+        "  gen3d convert @last to=triplane\n"
+        "  gen3d convert outputs/dreamfusion/a_red_mug@... to=gaussians steps=300 gaussians.num_points=4000\n\n"
+        f"Distillation settings (convert.<key>=value):\n{settings}\n"
+        "Other key=value pairs override the new run's config (list its keys with `gen3d run dreamfusion --show-config`)."
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv[0] if argv else None)
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come after options (gen3d run @last --resume max_steps=900)
     stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]

@@ -13,6 +13,7 @@ from gen3d.errors import ConfigError
 
 SYSTEMS: dict[str, str] = {
     "dreamgaussian": "gen3d.systems.dreamgaussian:DreamGaussian",
+    "dreamfusion": "gen3d.systems.dreamfusion:DreamFusion",
 }
 
 

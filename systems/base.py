@@ -82,6 +82,40 @@ class RunConfig:
             raise ValueError(f"exports: unknown format(s) {bad}; choose among {list(EXPORT_FORMATS)}")
 
 
+@dataclass
+class TextTo3DConfig(RunConfig):
+    """What every text-to-3D recipe adds to `RunConfig`: the prompt and the text-to-image prior."""
+
+    prompt: str = ""
+    """What to generate, e.g. "a hamburger"."""
+    negative_prompt: str = ""
+    """Text the prior should steer away from (the unconditional branch of CFG)."""
+    prior: str = "stabilityai/stable-diffusion-2-1-base"
+    """Diffusion prior: a hub id in the local Hugging Face cache or a diffusers pipeline folder."""
+    download: bool = False
+    """Allow downloading `prior` from the hub when it is not in the local cache."""
+    dtype: str = "auto"
+    """Prior precision: auto (float16 on CUDA, float32 on CPU), float32 or float16."""
+    view_dependent: bool = True
+    """Append 'front/side/back/overhead view' to the prompt by camera direction."""
+
+
+def check_prompt(cfg: TextTo3DConfig) -> None:
+    if not cfg.prompt.strip():
+        raise Gen3dError('prompt is empty; pass prompt="a hamburger" (or set prompt: in the config)')
+
+
+def load_text_prior(cfg: TextTo3DConfig, device: torch.device):
+    """The `DiffusionPrior` of `cfg.prior` and a `PromptProcessor` for `cfg.prompt` on it."""
+    from gen3d.priors.diffusion import DiffusionPrior
+    from gen3d.priors.prompts import PromptConfig, PromptProcessor
+
+    prior = DiffusionPrior.from_pretrained(cfg.prior, device=device, dtype=cfg.dtype, download=cfg.download)
+    prompts = PromptProcessor(prior, PromptConfig(
+        prompt=cfg.prompt, negative_prompt=cfg.negative_prompt, view_dependent=cfg.view_dependent))
+    return prior, prompts
+
+
 class Interrupted(Exception):
     """Raised by `fit` after Ctrl-C, once the checkpoint is safely written."""
 
@@ -155,6 +189,11 @@ class System:
 
     def load_training_state(self, state: dict[str, Any]) -> None:
         pass
+
+    def query(self):
+        """The representation through the one query interface of the quality metrics
+        (`gen3d.world.metrics.Query`: occupancy at points, renders over white)."""
+        raise NotImplementedError
 
     def export(self, fmt: str, path: Path) -> Path:
         """Write the result in `fmt` (one of EXPORT_FORMATS but 'video') to `path`; return the path written."""
@@ -270,7 +309,10 @@ class System:
             self.load_model_tensors(ckpt.model)
             if not model_only:
                 self.ensure_training()
-                self.load_training_state(ckpt.state["training"])
+                if ckpt.state.get("training"):
+                    self.load_training_state(ckpt.state["training"])
+                else:  # a model without optimizer state, e.g. written by `gen3d convert`
+                    self.log.info(f"checkpoint '{ckpt.path}' holds no optimizer state: the optimizer starts fresh")
                 self.generator.set_state(ckpt.state["generator"])
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CheckpointError(

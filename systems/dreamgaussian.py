@@ -22,36 +22,23 @@ import torch
 from gen3d.cameras import Cameras, OrbitConfig, sample_orbit
 from gen3d.errors import Gen3dError
 from gen3d.guidance.sds import SDSConfig, SDSGuidance
+from gen3d.losses import binary_entropy
 from gen3d.ops.rasterize import BACKENDS
-from gen3d.priors.diffusion import DiffusionPrior
-from gen3d.priors.prompts import PromptConfig, PromptProcessor
 from gen3d.rendering.gaussian import render_gaussians
 from gen3d.rendering.types import RenderOutput
 from gen3d.representations.gaussians import GaussianConfig, GaussianModel
 from gen3d.representations.strategy import DensifyConfig, DensifyStrategy
-from gen3d.systems.base import RunConfig, System
+from gen3d.systems.base import System, TextTo3DConfig, check_prompt, load_text_prior
 
 BACKGROUNDS = ("random", "white", "black")
 
 
 @dataclass
-class DreamGaussianConfig(RunConfig):
+class DreamGaussianConfig(TextTo3DConfig):
     """Text-to-3D with 3D Gaussians and score distillation (DreamGaussian's generation stage)."""
 
     system: str = "dreamgaussian"
     """Registered system name."""
-    prompt: str = ""
-    """What to generate, e.g. "a hamburger"."""
-    negative_prompt: str = ""
-    """Text the prior should steer away from (the unconditional branch of CFG)."""
-    prior: str = "stabilityai/stable-diffusion-2-1-base"
-    """Diffusion prior: a hub id in the local Hugging Face cache or a diffusers pipeline folder."""
-    download: bool = False
-    """Allow downloading `prior` from the hub when it is not in the local cache."""
-    dtype: str = "auto"
-    """Prior precision: auto (float16 on CUDA, float32 on CPU), float32 or float16."""
-    view_dependent: bool = True
-    """Append 'front/side/back/overhead view' to the prompt by camera direction."""
     background: str = "random"
     """Background behind the Gaussians during training: random (white or black per step), white or black."""
     render_sizes: list[int] = field(default_factory=lambda: [128, 256, 512])
@@ -90,12 +77,6 @@ class DreamGaussianConfig(RunConfig):
             raise ValueError(f"render_sizes must be >= 8 pixels, got {self.render_sizes}")
 
 
-def binary_entropy(alpha: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """Mean binary entropy of alpha values in [0, 1] (0 when every value is 0 or 1)."""
-    a = alpha.clamp(eps, 1 - eps)
-    return -(a * torch.log(a) + (1 - a) * torch.log(1 - a)).mean()
-
-
 class DreamGaussian(System):
     name = "dreamgaussian"
     Config = DreamGaussianConfig
@@ -103,18 +84,15 @@ class DreamGaussian(System):
 
     def setup(self) -> None:
         cfg = self.cfg
-        if not cfg.prompt.strip():
-            raise Gen3dError('prompt is empty; pass prompt="a hamburger" (or set prompt: in the config)')
+        check_prompt(cfg)
         init_gen = torch.Generator().manual_seed(cfg.seed)
         self.model = GaussianModel.random_ball(cfg.gaussians, generator=init_gen).to(self.device)
 
     def setup_training(self) -> None:
         cfg = self.cfg
-        self.prior = DiffusionPrior.from_pretrained(cfg.prior, device=self.device, dtype=cfg.dtype, download=cfg.download)
-        self.prompts = PromptProcessor(self.prior, PromptConfig(
-            prompt=cfg.prompt, negative_prompt=cfg.negative_prompt, view_dependent=cfg.view_dependent))
+        self.prior, self.prompts = load_text_prior(cfg, self.device)
         self.guidance = SDSGuidance(self.prior, cfg.guidance)
-        self.optimizer = torch.optim.Adam(self.model.param_groups(cfg.gaussians), lr=0.0, eps=1e-15)
+        self.optimizer = self._optimizer()
         # DreamGaussian's camera extent for the densify thresholds (percent_dense, prune size) is 4.
         self.strategy = DensifyStrategy(cfg.densify, scene_extent=4.0, max_steps=cfg.max_steps, seed=cfg.seed)
 
@@ -158,6 +136,11 @@ class DreamGaussian(System):
         white = torch.ones(len(cameras), 3, device=self.device)
         return render_gaussians(self.model, cameras, white, backend=self.cfg.rasterizer)
 
+    def query(self):
+        from gen3d.rendering.gaussian import GaussianQuery
+
+        return GaussianQuery(self.model, self.cfg.rasterizer)
+
     def model_tensors(self) -> dict[str, torch.Tensor]:
         return dict(self.model.state_dict())
 
@@ -168,6 +151,11 @@ class DreamGaussian(System):
                 raise ValueError(f"'{k}' has per-Gaussian shape {tuple(v.shape[1:])} in the checkpoint but "
                                  f"{tuple(current[k].shape[1:])} here (was gaussians.sh_degree changed?)")
         self.model.load_state_dict({k: v.to(self.device) for k, v in tensors.items()})
+        if self._training_ready:  # the optimizer holds the parameters replaced by the resize: point it at the new ones
+            self.optimizer = self._optimizer()
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.model.param_groups(self.cfg.gaussians), lr=0.0, eps=1e-15)
 
     def training_state(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "strategy": self.strategy.state_dict()}

@@ -43,6 +43,8 @@ def test_bench_view_prior_quick(capsys):
     row = report["objects"][0]
     for key in ("prior_psnr", "prior_silhouette_iou", "wrong_pose_psnr", "input_copy_psnr", "prior_color_error"):
         assert key in row
+    for key in ("pose_loss_ratio", "elevation_loss_ratio", "distance_loss_ratio"):
+        assert 0.5 < row[key] < 2.0
     # the input copy against a view turned 180 degrees: same object, different picture
     assert 0.0 < row["input_copy_silhouette_iou"] < 1.0
 
@@ -88,3 +90,19 @@ def test_profile_run_quick(capsys):
     assert 0 < report["renderer_fraction_of_step"] < 1
     assert report["steps_s"] <= report["total_s"]
     assert set(report["groups_s"]) == {"setup", "render", "prior", "optimizer", "densification", "io", "cameras"}
+
+
+@pytest.mark.slow
+def test_bench_fields_quick(capsys):
+    report = load("bench_fields").main(["--quick", "--threads", "1"])
+    assert json.loads(capsys.readouterr().out)["render"] == report["render"]
+    for row in report["render"]:
+        # empty-space skipping evaluates far fewer samples than dense marching of the same blob
+        assert row["grid"]["samples_per_ray"] < 0.5 * row["dense"]["samples_per_ray"]
+    assert {r["geometry"] for r in report["sds_step"]} == {"hashgrid", "triplane"}
+
+
+@pytest.mark.slow
+def test_bench_hash_encoding_quick(capsys):
+    report = load("bench_hash_encoding").main(["--quick", "--threads", "1"])
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(report))

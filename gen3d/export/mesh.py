@@ -15,7 +15,8 @@ Unlike DreamGaussian the grid spans the fixed box [-bound, bound]^3 of gen3d's o
 (objects in the unit ball), so meshes stay in world coordinates. The grid is padded with empty
 cells so every surface is closed, small disconnected pieces (floaters) are dropped, and vertices
 are colored with the density-weighted DC color of the Gaussians (`GaussianModel.color_at`).
-UV texturing comes later; for now colors are per vertex.
+UV texturing comes later; for now colors are per vertex. The grid-to-mesh steps (`isosurface_mesh`,
+`vertex_colored`) are shared with the neural-field extractor in gen3d.export.field_mesh.
 """
 
 from __future__ import annotations
@@ -78,9 +79,6 @@ def extract_mesh(
     min_component_ratio: connected pieces with fewer faces than this fraction of the largest are dropped.
     Faces are oriented outwards. Raises `Gen3dError` when the density never reaches `threshold`.
     """
-    import trimesh
-    from skimage.measure import marching_cubes
-
     if resolution < 2:
         raise ValueError(f"extract_mesh: resolution must be >= 2, got {resolution}")
     if not (bound > 0 and threshold > 0):
@@ -93,9 +91,28 @@ def extract_mesh(
             f"below the threshold {threshold}; the scene is empty or too transparent. Lower the mesh threshold, "
             "enlarge the bound, or train longer"
         )
+    mesh = isosurface_mesh(grid, bound, threshold, min_component_ratio)
+    colors = model.color_at(torch.as_tensor(mesh.vertices, dtype=torch.float32, device=model.means.device))
+    return vertex_colored(mesh, colors)
+
+
+def isosurface_mesh(grid, bound: float, level: float, min_component_ratio: float = 0.05):
+    """The closed, outward-oriented surface where a node grid equals `level`, without floaters -> trimesh.Trimesh.
+
+    grid: [R, R, R] (numpy or torch) values at the nodes of a grid over [-bound, bound]^3, index
+    [i, j, k] = (x_i, y_j, z_k), inside where the value exceeds `level` (0 < level < grid.max()).
+    Marching cubes (scikit-image, Lewiner et al. 2003) on the grid padded with zeros, so surfaces cut
+    by the box are closed; faces are oriented outwards; connected pieces with fewer faces than
+    `min_component_ratio` times the largest are dropped. Vertices are in world coordinates.
+    """
+    import trimesh
+    from skimage.measure import marching_cubes
+
+    grid = grid.detach().cpu().numpy() if isinstance(grid, torch.Tensor) else np.asarray(grid)
+    resolution = grid.shape[0]
     spacing = 2.0 * bound / (resolution - 1)
     padded = np.pad(grid, 1, mode="constant", constant_values=0.0)  # closes surfaces cut by the box
-    verts, faces, _, _ = marching_cubes(padded, level=threshold, spacing=(spacing,) * 3)
+    verts, faces, _, _ = marching_cubes(padded, level=level, spacing=(spacing,) * 3)
     verts = verts - bound - spacing  # padded index 1 is the grid's first node at -bound
     faces = faces[:, ::-1]  # skimage orients faces towards decreasing values: flip to point outwards
     mesh = trimesh.Trimesh(verts, faces, process=False)
@@ -104,8 +121,15 @@ def extract_mesh(
     if len(parts) > 1:
         largest = max(len(p.faces) for p in parts)
         mesh = trimesh.util.concatenate([p for p in parts if len(p.faces) >= min_component_ratio * largest])
-    colors = model.color_at(torch.as_tensor(mesh.vertices, dtype=torch.float32, device=model.means.device))
-    rgba = np.concatenate([(colors.cpu().numpy() * 255.0).round().astype(np.uint8),
+    return mesh
+
+
+def vertex_colored(mesh, colors):
+    """A copy of `mesh` with per-vertex colors: colors [V, 3] in [0, 1] (clamped) -> RGBA uint8, alpha 255."""
+    import trimesh
+
+    colors = colors.detach().cpu().numpy() if isinstance(colors, torch.Tensor) else np.asarray(colors)
+    rgba = np.concatenate([(np.clip(colors, 0.0, 1.0) * 255.0).round().astype(np.uint8),
                            np.full((len(mesh.vertices), 1), 255, np.uint8)], axis=1)
     return trimesh.Trimesh(mesh.vertices, mesh.faces, vertex_colors=rgba, process=False)
 

@@ -189,3 +189,18 @@ def test_opaque_regularizer_runs(tiny_pixel_prior, tmp_path):
     out = tmp_path / "outputs"
     assert run_cli("run", "dreamgaussian", "prompt=a mug", *fast_overrides(tiny_pixel_prior, out, steps=2),
                    "turntable_frames=0", "exports=[]", "lambda_opaque=1.0") == 0
+
+
+def test_cli_resume_of_a_densified_run_keeps_training(tiny_pixel_prior, tmp_path):
+    """`gen3d run RUN --resume` builds the optimizer before loading a checkpoint whose number of Gaussians
+    grew; the resumed steps must still move the loaded parameters."""
+    out = tmp_path / "outputs"
+    assert run_cli("run", "dreamgaussian", "prompt=a red mug", *fast_overrides(tiny_pixel_prior, out),
+                   "exports=[]", "turntable_frames=0") == 0
+    run = resolve_run("@last", out)
+    before = latest_checkpoint(run).model
+    assert before["means"].shape[0] != 200  # densified
+    assert run_cli("run", str(run), "--resume", "max_steps=6", "densify.densify_until=4") == 0
+    after = latest_checkpoint(run).model
+    assert after["means"].shape == before["means"].shape
+    assert not torch.equal(after["means"], before["means"]) and not torch.equal(after["sh0"], before["sh0"])

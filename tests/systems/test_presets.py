@@ -9,8 +9,11 @@ from tests.systems.conftest import fast_overrides
 
 @pytest.mark.parametrize("preset", sorted(list_presets()))
 def test_preset_smoke(preset, tiny_pixel_prior, tmp_path):
+    from gen3d.config import read_yaml
+
     out = tmp_path / "outputs"
-    assert main(["run", preset, *fast_overrides(tiny_pixel_prior, out, steps=2), "turntable_frames=2"]) == 0
+    system = read_yaml(list_presets()[preset])["system"]
+    assert main(["run", preset, *fast_overrides(tiny_pixel_prior, out, steps=2, system=system), "turntable_frames=2"]) == 0
     run = resolve_run("@last", out)
     assert (run / "checkpoints" / "step-000002").is_dir()
     assert any((run / "export").iterdir())

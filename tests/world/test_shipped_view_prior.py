@@ -1,5 +1,5 @@
 """The shipped view-conditioned prior: present, self-describing, loaded by id, and it follows its input view
-and the camera's distance."""
+and the camera: its azimuth and its distance."""
 
 import json
 
@@ -25,8 +25,7 @@ def test_novel_views_carry_the_input_object():
     """Novel views drawn from an object's own input view match the ground truth of the turned view
     better than novel views, of the same seeds and pose, drawn from another object's input view.
 
-    (The azimuth is not used by the shipped weights: see the README and
-    benchmarks/bench_view_prior.py's pose_loss_ratio.)"""
+    (The camera's effect is tested separately below.)"""
     prior = ViewConditionedPrior.from_pretrained("gen3d/shapes-zero123")
     assert prior.resolution == 32
     cam = SAMPLE_CAMERA
@@ -69,3 +68,29 @@ def test_denoising_follows_the_camera_distance():
                 pred = prior.predict_noise(prior.add_noise(x0, eps, t), t, cond, guidance_scale=1.0).eps_cond
                 errors[name] += float((pred - eps).pow(2).mean())
     assert errors["right"] < 0.97 * errors["wrong"], errors
+
+
+@torch.no_grad()
+def test_denoising_follows_the_camera_azimuth():
+    """From an object's front view, the views turned by 90, 180 and 270 degrees: the prior denoises them
+    better with their own relative pose than with the pose turned another 180 degrees."""
+    prior = ViewConditionedPrior.from_pretrained("gen3d/shapes-zero123")
+    cam = SAMPLE_CAMERA
+    four = lambda v: torch.full((4,), float(v))  # noqa: E731
+    azimuth = torch.tensor([0.0, 90.0, 180.0, 270.0]) + cam["azimuth"]
+    g = torch.Generator().manual_seed(0)
+    errors = {"right": 0.0, "wrong": 0.0}
+    for obj in (WorldObject("house", "pink"), WorldObject("snowman", "yellow"), WorldObject("rocket", "blue")):
+        views = render_on_white(obj, azimuth, four(cam["elevation"]), four(cam["distance"]), four(cam["fovy"]), 32, 2)
+        views = views.permute(0, 2, 3, 1)  # [4, h, w, 3]: the front (input), then the turned views
+        poses = {turn: relative_pose(cam["elevation"], cam["azimuth"], cam["distance"], cam["elevation"],
+                                     azimuth[1:] + turn, cam["distance"]) for turn in (0.0, 180.0)}
+        x0 = prior.encode(views[1:])
+        for step in (100, 300, 500):
+            t = torch.full((3,), step, dtype=torch.long)
+            eps = torch.randn(x0.shape, generator=g)
+            for name, turn in (("right", 0.0), ("wrong", 180.0)):
+                cond = prior.encode_condition(views[:1].expand(3, -1, -1, -1), poses[turn])
+                pred = prior.predict_noise(prior.add_noise(x0, eps, t), t, cond, guidance_scale=1.0).eps_cond
+                errors[name] += float((pred - eps).pow(2).mean())
+    assert errors["right"] < 0.98 * errors["wrong"], errors

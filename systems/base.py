@@ -190,6 +190,14 @@ class System:
     def load_training_state(self, state: dict[str, Any]) -> None:
         pass
 
+    def check_loss(self, loss: torch.Tensor, step: int, learning_rates: str) -> None:
+        """Stop with advice when `loss` is not finite; `learning_rates` names the config keys to lower."""
+        if not torch.isfinite(loss):
+            raise Gen3dError(
+                f"the loss became {loss.item()} at step {step}; the last checkpoint in {self.run_dir / 'checkpoints'} "
+                f"is intact: lower the learning rates ({learning_rates}) or guidance.guidance_scale and resume or rerun"
+            )
+
     def query(self):
         """The representation through the one query interface of the quality metrics
         (`gen3d.world.metrics.Query`: occupancy at points, renders over white)."""

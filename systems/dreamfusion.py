@@ -131,11 +131,7 @@ class DreamFusion(System):
         g = self.guidance(out.rgb, self.prompts(cams), step, cfg.max_steps, generator=self.generator)
         terms = cfg.loss.terms(step, cfg.max_steps, alpha=out.alpha, samples=out.samples)
         loss = cfg.lambda_sds * g.loss + sum(terms.values())
-        if not torch.isfinite(loss):
-            raise Gen3dError(
-                f"the loss became {loss.item()} at step {step}; the last checkpoint in {self.run_dir / 'checkpoints'} "
-                "is intact: lower the learning rates (hashgrid.lr_encoding, ...) or guidance.guidance_scale and resume or rerun"
-            )
+        self.check_loss(loss, step, "hashgrid.lr_encoding, ...")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

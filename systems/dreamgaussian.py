@@ -118,11 +118,7 @@ class DreamGaussian(System):
         loss = cfg.lambda_sds * g.loss
         if cfg.lambda_opaque:
             loss = loss + cfg.lambda_opaque * binary_entropy(out.alpha)
-        if not torch.isfinite(loss):
-            raise Gen3dError(
-                f"the loss became {loss.item()} at step {step}; the last checkpoint in {self.run_dir / 'checkpoints'} "
-                "is intact: lower the learning rates (gaussians.*_lr) or guidance.guidance_scale and resume or rerun"
-            )
+        self.check_loss(loss, step, "gaussians.*_lr")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.strategy.update_stats(out.means2d, out.radii, width=size, height=size, step=step)

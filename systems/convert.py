@@ -207,14 +207,10 @@ class GaussianTeacher(Teacher):
         self.bound = float(bound)
         with torch.no_grad():
             self.grid = density_grid(self.model, resolution, bound).clamp(0.0, 1.0)  # [G, G, G]
-            colors = torch.full((resolution**3, 3), 0.5, device=self.device)
-            seen = (self.grid.reshape(-1) > 1e-3).nonzero()[:, 0]  # colors only matter where there is matter
-            if len(seen):
-                axis = torch.linspace(-bound, bound, resolution, device=self.device)
-                R = resolution
-                nodes = torch.stack([axis[seen // (R * R)], axis[(seen // R) % R], axis[seen % R]], -1)
-                colors[seen] = self.model.color_at(nodes)
-            self.colors = colors.reshape(resolution, resolution, resolution, 3)
+            self.colors = torch.full((resolution,) * 3 + (3,), 0.5, device=self.device)  # [G, G, G, 3]
+            seen = self.grid > 1e-3  # colors only matter where there is matter
+            if seen.any():
+                self.colors[seen] = self.model.color_at(_nodes_where(seen, bound))
 
     def _lookup(self, table: Tensor, points: Tensor) -> Tensor:  # table [G, G, G, D] -> [P, D]
         # grid_sample's (x, y, z) index (W, H, D), so the table [i, j, k] = (x, y, z) is read as [D=i, H=j, W=k].

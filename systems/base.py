@@ -98,6 +98,14 @@ class TextTo3DConfig(RunConfig):
     """Prior precision: auto (float16 on CUDA, float32 on CPU), float32 or float16."""
     view_dependent: bool = True
     """Append 'front/side/back/overhead view' to the prompt by camera direction."""
+    use_perp_neg: bool = False
+    """Perp-Neg (Armandpour et al. 2023) against multi-face objects: interpolated view prompts, the other views
+    as perpendicular negatives (needs view_dependent; scale the negatives with guidance.perp_neg_scale)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.use_perp_neg and not self.view_dependent:
+            raise ValueError("use_perp_neg=true needs view_dependent=true (Perp-Neg mixes the view prompts)")
 
 
 def check_prompt(cfg: TextTo3DConfig) -> None:
@@ -112,7 +120,8 @@ def load_text_prior(cfg: TextTo3DConfig, device: torch.device):
 
     prior = DiffusionPrior.from_pretrained(cfg.prior, device=device, dtype=cfg.dtype, download=cfg.download)
     prompts = PromptProcessor(prior, PromptConfig(
-        prompt=cfg.prompt, negative_prompt=cfg.negative_prompt, view_dependent=cfg.view_dependent))
+        prompt=cfg.prompt, negative_prompt=cfg.negative_prompt, view_dependent=cfg.view_dependent,
+        use_perp_neg=cfg.use_perp_neg))
     return prior, prompts
 
 
@@ -294,6 +303,9 @@ class System:
     # ---- checkpoints ----------------------------------------------------------------------------
     def save(self) -> Path:
         state = {"training": self.training_state(), "generator": self.generator.get_state()}
+        guidance = getattr(self, "guidance", None)
+        if guidance is not None and guidance.state_dict():  # VSD's estimator, CDS's fixed noise
+            state["guidance"] = guidance.state_dict()
         meta = {"system": self.name, "format": "gen3d-checkpoint-1", "max_steps": self.cfg.max_steps}
         path = save_checkpoint(self.run_dir, self.step, self.model_tensors(), state, meta, keep=self.cfg.keep_checkpoints)
         self.log.debug(f"checkpoint: {path}")
@@ -322,6 +334,8 @@ class System:
                 else:  # a model without optimizer state, e.g. written by `gen3d convert`
                     self.log.info(f"checkpoint '{ckpt.path}' holds no optimizer state: the optimizer starts fresh")
                 self.generator.set_state(ckpt.state["generator"])
+                if "guidance" in ckpt.state:
+                    self.guidance.load_state_dict(ckpt.state["guidance"])
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CheckpointError(
                 f"checkpoint '{ckpt.path}' does not fit this config ({type(exc).__name__}: {str(exc)[:200]}); "

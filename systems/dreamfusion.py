@@ -27,7 +27,7 @@ import torch
 
 from gen3d.cameras import Cameras, OrbitConfig, sample_orbit
 from gen3d.errors import Gen3dError
-from gen3d.guidance.sds import SDSConfig, SDSGuidance
+from gen3d.guidance import GuidanceConfig, build_guidance
 from gen3d.losses import LossWeights
 from gen3d.rendering.types import RenderOutput
 from gen3d.rendering.volume import FieldQuery, VolumeRenderer, VolumeRendererConfig
@@ -63,8 +63,8 @@ class DreamFusionConfig(TextTo3DConfig):
     """Weight of the SDS loss."""
     loss: LossWeights = field(default_factory=LossWeights)
     """Regularizer weights (schedules): lambda_orient, lambda_sparsity, lambda_opaque, lambda_entropy."""
-    guidance: SDSConfig = field(default_factory=SDSConfig)
-    """Score distillation settings."""
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    """Score distillation: guidance.type sds | vsd | cds | asd and its settings."""
     cameras: OrbitConfig = field(default_factory=OrbitConfig)
     """Training and evaluation cameras."""
     mesh_resolution: int = 128
@@ -114,7 +114,7 @@ class DreamFusion(System):
     def setup_training(self) -> None:
         cfg = self.cfg
         self.prior, self.prompts = load_text_prior(cfg, self.device)
-        self.guidance = SDSGuidance(self.prior, cfg.guidance)
+        self.guidance = build_guidance(self.prior, cfg.guidance, seed=cfg.seed)
         groups = self.field.param_groups()
         if self.renderer.background_mlp is not None:
             groups.append({"params": list(self.renderer.background_mlp.parameters()), "lr": cfg.lr_background,
@@ -128,7 +128,7 @@ class DreamFusion(System):
         cams = sample_orbit(cfg.cameras, self.generator, width=size, height=size).to(self.device)
         shading = "albedo" if step <= schedule_value(cfg.albedo_only_until, step, cfg.max_steps) else None
         out = self.renderer(self.field, cams, generator=self.generator, step=step, train=True, shading=shading)
-        g = self.guidance(out.rgb, self.prompts(cams), step, cfg.max_steps, generator=self.generator)
+        g = self.guidance(out.rgb, self.prompts(cams), step, cfg.max_steps, generator=self.generator, cameras=cams)
         terms = cfg.loss.terms(step, cfg.max_steps, alpha=out.alpha, samples=out.samples)
         loss = cfg.lambda_sds * g.loss + sum(terms.values())
         self.check_loss(loss, step, "hashgrid.lr_encoding, ...")
@@ -139,7 +139,7 @@ class DreamFusion(System):
                 "alpha": float(out.alpha.detach().mean()), "samples_per_ray": len(out.samples.weights) / out.samples.n_rays}
         if self.renderer.grid is not None:
             logs["occupied"] = self.renderer.grid.occupied_fraction()
-        return logs | {name: float(v.detach()) for name, v in terms.items()}
+        return logs | g.logs | {name: float(v.detach()) for name, v in terms.items()}
 
     def render(self, cameras: Cameras) -> RenderOutput:
         white = torch.ones(3, device=self.device)

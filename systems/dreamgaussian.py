@@ -5,7 +5,7 @@ Content Creation") optimizes 3D Gaussians initialized in a ball with Score Disti
 (Poole et al., 2022) from a text-to-image diffusion prior, densifying as 3DGS does, at a render
 resolution that grows during the run, against a background that flips between white and black.
 
-Deliberate differences from the reference: timesteps follow our `SDSConfig` schedules (the
+Deliberate differences from the reference: timesteps follow our `GuidanceConfig` schedules (the
 preset anneals t linearly from 0.98 to 0.02 of the range like DreamGaussian); the first mesh is
 a density-grid isosurface with vertex colors (the texture-refinement stage arrives with the mesh
 issue).
@@ -21,7 +21,7 @@ import torch
 
 from gen3d.cameras import Cameras, OrbitConfig, sample_orbit
 from gen3d.errors import Gen3dError
-from gen3d.guidance.sds import SDSConfig, SDSGuidance
+from gen3d.guidance import GuidanceConfig, build_guidance
 from gen3d.losses import binary_entropy
 from gen3d.ops.rasterize import BACKENDS
 from gen3d.rendering.gaussian import render_gaussians
@@ -53,7 +53,7 @@ class DreamGaussianConfig(TextTo3DConfig):
     rasterizer: str = "auto"
     """Gaussian rasterizer backend: auto, torch (tile-based reference), cpp (compiled CPU kernel, stops a pixel at
     transmittance 1e-4 like 3DGS), dense or gsplat (CUDA); auto picks gsplat on CUDA, else cpp when it builds."""
-    guidance: SDSConfig = field(default_factory=SDSConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     """Score distillation settings."""
     gaussians: GaussianConfig = field(default_factory=GaussianConfig)
     """3D Gaussians: initialization, SH degree and learning rates."""
@@ -91,7 +91,7 @@ class DreamGaussian(System):
     def setup_training(self) -> None:
         cfg = self.cfg
         self.prior, self.prompts = load_text_prior(cfg, self.device)
-        self.guidance = SDSGuidance(self.prior, cfg.guidance)
+        self.guidance = build_guidance(self.prior, cfg.guidance, seed=cfg.seed)
         self.optimizer = self._optimizer()
         # DreamGaussian's camera extent for the densify thresholds (percent_dense, prune size) is 4.
         self.strategy = DensifyStrategy(cfg.densify, scene_extent=4.0, max_steps=cfg.max_steps, seed=cfg.seed)
@@ -114,7 +114,7 @@ class DreamGaussian(System):
         out = render_gaussians(self.model, cams, self.background_for(len(cams)), backend=cfg.rasterizer)
         if out.means2d is not None and out.means2d.requires_grad:
             out.means2d.retain_grad()
-        g = self.guidance(out.rgb, self.prompts(cams), step, cfg.max_steps, generator=self.generator)
+        g = self.guidance(out.rgb, self.prompts(cams), step, cfg.max_steps, generator=self.generator, cameras=cams)
         loss = cfg.lambda_sds * g.loss
         if cfg.lambda_opaque:
             loss = loss + cfg.lambda_opaque * binary_entropy(out.alpha)
@@ -126,7 +126,7 @@ class DreamGaussian(System):
         self.strategy.maybe_densify(self.model, self.optimizer, step, generator=self.generator)
         return {"loss": loss.item(), "grad_norm": g.grad_norm, "t": float(g.t.float().mean()),
                 "n_gaussians": float(self.model.num_gaussians), "size": float(size),
-                **({"nonfinite": float(g.nonfinite)} if g.nonfinite else {})}
+                **({"nonfinite": float(g.nonfinite)} if g.nonfinite else {}), **g.logs}
 
     def render(self, cameras: Cameras) -> RenderOutput:
         white = torch.ones(len(cameras), 3, device=self.device)

@@ -28,6 +28,36 @@ def test_bench_shapes_quick(capsys):
 
 
 @pytest.mark.slow
+def test_bench_guidance_quick(capsys, tmp_path):
+    report = load("bench_guidance").main(["--quick", "--methods", "vsd", "--prompts", "a red mug", "--override",
+                                          "max_steps=3", "cameras.batch_size=2", "--output-dir", str(tmp_path)])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["summary"] == report["summary"] and set(report["summary"]) == {"vsd"}
+    for row in report["runs"]:
+        assert 0.0 <= row["iou_3d"] <= 1.0 and row["saturation"] >= 0 and row["seconds_per_step"] > 0
+        assert set(row["multi_face"]) >= {"front_ok", "back_like_front", "is_multi_face"}  # the mug has a front
+    assert [g["seeds"] for g in report["groups"]] == [[0, 1]]
+    assert all(0.0 <= g["seed_diversity"] <= 1.0 for g in report["groups"])
+    merged = load("bench_guidance").merge([_write(tmp_path / "a.json", report), _write(tmp_path / "b.json", report)])
+    assert merged["summary"]["vsd"]["runs"] == 2 * report["summary"]["vsd"]["runs"]
+
+
+@pytest.mark.slow
+def test_bench_guidance_timing_quick(capsys):
+    report = load("bench_guidance").main(["--timing", "2", "--quick", "--methods", "sds", "asd", "--override",
+                                          "cameras.batch_size=1"])
+    assert json.loads(capsys.readouterr().out) == report
+    per = report["per_method"]
+    assert per["sds"]["min_ratio_to_sds"] == 1.0 and per["asd"]["min_s_per_step"] > 0
+    assert per["asd"]["min_s_per_step"] <= per["asd"]["median_s_per_step"]
+
+
+def _write(path, report):
+    path.write_text(json.dumps(report))
+    return str(path)
+
+
+@pytest.mark.slow
 def test_bench_prior_samples_quick(capsys):
     report = load("bench_prior_samples").main(["--quick", "--samples", "1"])
     assert json.loads(capsys.readouterr().out)["summary"] == report["summary"]

@@ -12,7 +12,7 @@ render and the 3D parameters. SDS, VSD, CDS and ASD differ only in how they comp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,6 +21,7 @@ from torch import Tensor
 from gen3d.schedules import Schedule, check_schedule, schedule_value
 
 if TYPE_CHECKING:
+    from gen3d.cameras import Cameras
     from gen3d.priors.diffusion import DiffusionPrior, NoisePrediction
     from gen3d.priors.prompts import PromptBatch
 
@@ -36,6 +37,7 @@ class GuidanceOutput:
     t: Tensor  # [B] int64 diffusion timesteps used
     grad_norm: float  # ||g||_2 over the batch, for logging
     nonfinite: int  # NaN/Inf entries of g replaced by 0 (non-zero means the prior misbehaved)
+    logs: dict[str, float] = field(default_factory=dict)  # extra scalars to log (e.g. VSD's LoRA loss)
 
 
 def step_range(num_train_timesteps: int, min_percent: float, max_percent: float) -> tuple[int, int]:
@@ -107,7 +109,9 @@ def reparameterized_loss(z: Tensor, grad: Tensor) -> Tensor:
     return 0.5 * (z - target).pow(2).sum() / z.shape[0]
 
 
-def finish(z: Tensor, grad: Tensor, t: Tensor, grad_clip: float | None = None) -> GuidanceOutput:
+def finish(
+    z: Tensor, grad: Tensor, t: Tensor, grad_clip: float | None = None, logs: dict[str, float] | None = None
+) -> GuidanceOutput:
     """Guard g against NaN/Inf, clip it to [-c, c] if asked, and build the GuidanceOutput for z ``[B, ...]``.
 
     Non-finite entries (NaN and +-Inf) become 0. threestudio's ``nan_to_num`` maps Inf to the largest
@@ -127,6 +131,7 @@ def finish(z: Tensor, grad: Tensor, t: Tensor, grad_clip: float | None = None) -
         t=t,
         grad_norm=float(grad.norm()),
         nonfinite=nonfinite,
+        logs=logs or {},
     )
 
 
@@ -155,12 +160,16 @@ def noise_like(z: Tensor, generator: torch.Generator | None = None) -> Tensor:
 
 
 def guided_noise(
-    prior: "DiffusionPrior", x_t: Tensor, t: Tensor, prompts: "PromptBatch", guidance_scale: float
+    prior: "DiffusionPrior", x_t: Tensor, t: Tensor, prompts: "PromptBatch", guidance_scale: float,
+    perp_neg_scale: float = 1.0,
 ) -> "NoisePrediction":
-    """The prior's CFG epsilon for `prompts`, through Perp-Neg when the batch carries negatives."""
+    """The prior's CFG epsilon for `prompts`, through Perp-Neg when the batch carries negatives.
+
+    `perp_neg_scale` multiplies the prompt processor's negative weights (ScaleDreamer's ASD uses 0.5).
+    """
     if prompts.neg is not None:
         return prior.predict_noise_perp_neg(
-            x_t, t, prompts.cond, prompts.uncond, prompts.neg, prompts.neg_weights, guidance_scale
+            x_t, t, prompts.cond, prompts.uncond, prompts.neg, prompts.neg_weights * perp_neg_scale, guidance_scale
         )
     return prior.predict_noise(x_t, t, prompts.cond, prompts.uncond, guidance_scale)
 
@@ -169,6 +178,8 @@ class Guidance:
     """Base of the score-distillation guidances: encode renders, then compute g on z.
 
     Subclasses implement `guide` on z ``[B, C, h, w]``; `__call__` takes renders ``[B, H, W, 3]``.
+    A guidance with state of its own (VSD's LoRA estimator, CDS's fixed noise) returns it from
+    `state_dict` so that runs checkpoint and resume it; `System` saves it next to the optimizer.
     """
 
     prior: "DiffusionPrior"
@@ -180,8 +191,12 @@ class Guidance:
         step: int,
         max_steps: int,
         generator: torch.Generator | None = None,
+        cameras: "Cameras | None" = None,
     ) -> GuidanceOutput:
-        """Guidance for renders rgb ``[B, H, W, 3]`` in [0, 1] at training `step` of `max_steps`."""
+        """Guidance for renders rgb ``[B, H, W, 3]`` in [0, 1] at training `step` of `max_steps`.
+
+        cameras: the B cameras of the renders (VSD conditions its estimator on them; others ignore them).
+        """
         if rgb.ndim != 4 or rgb.shape[-1] != 3:
             raise ValueError(f"{type(self).__name__}: rgb must be [B, H, W, 3], got {tuple(rgb.shape)}")
         if rgb.shape[0] != len(prompts):
@@ -189,7 +204,7 @@ class Guidance:
                 f"{type(self).__name__}: {rgb.shape[0]} renders but {len(prompts)} text conditions"
             )
         z = self.prior.encode(rgb, generator=generator)
-        return self.guide(z, prompts, step, max_steps, generator)
+        return self.guide(z, prompts, step, max_steps, generator, cameras)
 
     def guide(
         self,
@@ -198,6 +213,32 @@ class Guidance:
         step: int,
         max_steps: int,
         generator: torch.Generator | None = None,
+        cameras: "Cameras | None" = None,
     ) -> GuidanceOutput:
         """Guidance on the prior's input z ``[B, C, h, w]`` directly (latents or [-1, 1] pixels)."""
         raise NotImplementedError
+
+    # shared by the guidances whose cfg is a `GuidanceConfig`
+    def timesteps(self, batch_size: int, step: int, max_steps: int, generator: torch.Generator | None) -> Tensor:
+        """``[B]`` timesteps from the config's min/max_step_percent schedules (and sqrt_anneal)."""
+        cfg = self.cfg
+        return sample_timesteps(
+            batch_size, self.prior.num_train_timesteps, cfg.min_step_percent, cfg.max_step_percent, step, max_steps,
+            sqrt_anneal=cfg.sqrt_anneal, generator=generator,
+        )
+
+    def scale(self, step: int, max_steps: int) -> float:
+        """The CFG scale (diffusers convention) at `step`."""
+        return schedule_value(self.cfg.guidance_scale, step, max_steps)
+
+    def clip(self, step: int, max_steps: int) -> float | None:
+        """The gradient clip at `step`, None without clipping."""
+        return None if self.cfg.grad_clip is None else schedule_value(self.cfg.grad_clip, step, max_steps)
+
+    def state_dict(self) -> dict:
+        """The guidance's own training state (tensors and nested dicts of tensors); empty for SDS."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} has no state to load, got keys {sorted(state)}")

@@ -121,6 +121,7 @@ class PromptBatch:
     directions: list[str]  # B view directions, for logging and debug images
     neg: Tensor | None = None  # [B, K, L, D] Perp-Neg negative embeddings, None without Perp-Neg
     neg_weights: Tensor | None = None  # [B, K] Perp-Neg weights (<= 0 pushes away)
+    plain: Tensor | None = None  # [B, L, D] the prompt without a view suffix (VSD's estimator reads it)
 
     def __len__(self) -> int:
         return self.cond.shape[0]
@@ -153,15 +154,13 @@ class PromptProcessor:
         )
         B = len(directions)
         uncond = self.negative.expand(B, -1, -1)  # [B, L, D]
+        plain = self.embedding.expand(B, -1, -1)  # [B, L, D]
         if cfg.use_perp_neg:
-            return self._perp_neg(cameras, directions, uncond)
-        if cfg.view_dependent:
-            cond = torch.stack([self.view_embeddings[d] for d in directions])
-        else:
-            cond = self.embedding.expand(B, -1, -1)
-        return PromptBatch(cond, uncond, directions)
+            return self._perp_neg(cameras, directions, uncond, plain)
+        cond = torch.stack([self.view_embeddings[d] for d in directions]) if cfg.view_dependent else plain
+        return PromptBatch(cond, uncond, directions, plain=plain)
 
-    def _perp_neg(self, cameras: _HasViewAngles, directions: list[str], uncond: Tensor) -> PromptBatch:
+    def _perp_neg(self, cameras: _HasViewAngles, directions: list[str], uncond: Tensor, plain: Tensor) -> PromptBatch:
         """Interpolated positives and weighted negatives, per camera (ALGORITHMS.md §1, Perp-Neg)."""
         E = {d: e.float() for d, e in self.view_embeddings.items()}
         a = _wrap_azimuth(cameras.azimuth).abs().tolist()
@@ -188,4 +187,5 @@ class PromptProcessor:
             directions=directions,
             neg=torch.stack(neg).to(dtype),  # [B, 2, L, D]
             neg_weights=torch.tensor(weights, device=uncond.device),  # [B, 2]
+            plain=plain,
         )

@@ -9,6 +9,8 @@ cameras. `ObjectQuery` wraps a ground-truth `WorldObject` in it (so GT vs GT is 
 - `color_error`: mean CIEDE2000 between rendered and ground-truth colors where both are foreground.
 - `multiview_consistency`: do a result's own renders agree with each other in 3D? (reprojection).
 - `sample_agreement`: for a prior's 2D samples, color and silhouette agreement with ground truth.
+- `multi_face`, `seed_diversity`, `saturation`: failure modes of score distillation (a front on the back
+  too, the same shape for every seed, colors more saturated than the object's).
 
 Colors are compared in CIELAB with CIEDE2000 (Sharma, Wu and Dalal 2005, "The CIEDE2000
 color-difference formula: implementation notes, supplementary test data, and mathematical
@@ -31,8 +33,8 @@ from torch import Tensor
 from gen3d.cameras import Cameras, spherical_cameras
 from gen3d.priors.prompts import view_directions
 from gen3d.rendering.types import RenderOutput
-from gen3d.world.catalog import WorldObject, parse_prompt
-from gen3d.world.render import render_object, sdf_threads
+from gen3d.world.catalog import SHAPES, WorldObject, parse_prompt
+from gen3d.world.render import LIGHT_DIR, render_object, sdf_threads
 
 AZIMUTH_STEP = 15.0
 """Spacing in degrees of the azimuth rotations tried by best-over-azimuth metrics."""
@@ -441,3 +443,200 @@ def sample_agreement(images: Tensor, prompts: Sequence[str], background="border"
             color = min(float(ciede2000(lab_s, srgb_to_lab(gt.rgb[views[k]][mask_g[k]]).mean(0))) for k in close)
         results.append(SampleAgreement(prompt, obj, color, iou))
     return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Failure modes of score distillation: multiple faces, seed collapse, over-saturation
+
+
+def _solid_occupied(query: Query, resolution: int, bound: float, threshold: float) -> Callable[[Tensor], Tensor]:
+    """The query's occupancy > threshold at any points [P, 3], plus the voxels its occupied voxels enclose.
+
+    The same solid reading as `iou_3d(..., solid=True)`, as a function to evaluate anywhere.
+    """
+    occ = _chunked(query.occupancy, _grid(resolution, bound)).float().cpu() > threshold  # [R^3]
+    enclosed = _fill_enclosed(occ, resolution) & ~occ  # [R^3]; never on the border, so clamping below is safe
+
+    def occupied(p: Tensor) -> Tensor:
+        inside = _chunked(query.occupancy, p).float().cpu() > threshold
+        ijk = ((p + bound) / (2 * bound) * resolution).long().clamp_(0, resolution - 1)
+        return inside | enclosed[(ijk[:, 0] * resolution + ijk[:, 1]) * resolution + ijk[:, 2]]
+
+    return occupied
+
+
+def _mask_moments(alpha: Tensor) -> tuple[Tensor, Tensor]:
+    """Centroid [2] (x, y in pixels) and RMS radius of the mask alpha [H, W] > 0.5 (the image center and 1 if empty)."""
+    H, W = alpha.shape
+    mask = alpha > 0.5
+    if not mask.any():
+        return alpha.new_tensor([W / 2, H / 2]), alpha.new_tensor(1.0)
+    y, x = torch.nonzero(mask, as_tuple=True)
+    xy = torch.stack([x, y], -1).to(alpha) + 0.5  # [P, 2] pixel centers
+    return _center_and_scale(xy)
+
+
+def _align_view(rgb: Tensor, alpha: Tensor, ref_alpha: Tensor) -> tuple[Tensor, Tensor]:
+    """rgb [H, W, 3] over white and alpha [H, W] moved and scaled so the mask's centroid and RMS radius are
+    those of ref_alpha [H, W] > 0.5 (bilinear resampling; outside the image is white background)."""
+    H, W = alpha.shape
+    c, s = _mask_moments(alpha)
+    c_ref, s_ref = _mask_moments(ref_alpha)
+    j, i = torch.meshgrid(torch.arange(H, dtype=rgb.dtype) + 0.5, torch.arange(W, dtype=rgb.dtype) + 0.5, indexing="ij")
+    src = c + (torch.stack([i, j], -1) - c_ref) * (s / s_ref)  # [H, W, 2] where each output pixel samples
+    grid = src / src.new_tensor([W, H]) * 2 - 1  # grid_sample's [-1, 1] with align_corners=False
+    planes = torch.cat([rgb - 1, alpha[..., None]], -1).permute(2, 0, 1)[None]  # zero outside = white, empty
+    out = torch.nn.functional.grid_sample(planes, grid[None], align_corners=False)[0].permute(1, 2, 0)
+    return out[..., :3] + 1, out[..., 3]
+
+
+def _blur(image: Tensor) -> Tensor:
+    """image [H, W, D] filtered by the 3 x 3 binomial kernel [1, 2, 1] x [1, 2, 1] / 16 (edges replicated)."""
+    k = image.new_tensor([1.0, 2.0, 1.0])
+    k = (k[:, None] * k[None]) / 16
+    D = image.shape[-1]
+    x = torch.nn.functional.pad(image.permute(2, 0, 1)[None], (1, 1, 1, 1), mode="replicate")
+    return torch.nn.functional.conv2d(x, k.expand(D, 1, 3, 3), groups=D)[0].permute(1, 2, 0)
+
+
+def _view_distance(rgb_q: Tensor, alpha_q: Tensor, rgb_g: Tensor, alpha_g: Tensor) -> float:
+    """Mean CIEDE2000 [] between two renders rgb [H, W, 3] over white, both blurred by `_blur`, over the
+    pixels where either blurred alpha [H, W] > 0.5 (0 when there are none)."""
+    rgb_q, rgb_g = _blur(rgb_q), _blur(rgb_g)
+    union = (_blur(alpha_q[..., None])[..., 0] > 0.5) | (_blur(alpha_g[..., None])[..., 0] > 0.5)
+    if not union.any():
+        return 0.0
+    return float(delta_e(rgb_q[union], rgb_g[union]).mean())
+
+
+@dataclass
+class MultiFace:
+    """Does a result show its front on its back too (the Janus problem)? See `multi_face`."""
+
+    front_ok: bool
+    """The query's front view (azimuth 0) is closer to the ground truth's front view than to its back view."""
+    back_like_front: bool
+    """The query's back view (azimuth 180) is closer to the ground truth's front view than to its back view."""
+    is_multi_face: bool
+    """front_ok and back_like_front: a correct front, and a front again on the back."""
+    front_to_front: float
+    """Distance (`multi_face`) from the query's front view to the ground-truth front view."""
+    front_to_back: float
+    """... from the query's front view to the ground-truth back view."""
+    back_to_front: float
+    """... from the query's back view to the ground-truth front view."""
+    back_to_back: float
+    """... from the query's back view to the ground-truth back view."""
+
+
+def multi_face(query: Query, obj: WorldObject, size: int = 96, elevation: float = 10.0, normalize: bool = True,
+               distance: float = 2.75, fovy: float = 45.0) -> MultiFace:
+    """Janus check: is the query's back view more like the ground truth's front than its back?
+
+    Only for shapes with a front (`Shape.has_front`: mug, house, chair, snowman, rocket); ValueError
+    otherwise. The query and the ground truth are rendered from azimuth 0 (front) and 180 (back) at
+    `elevation`, `size` x `size`, over white. Distance between two renders: both are blurred by a
+    3 x 3 binomial filter (so a softer or half-pixel-shifted render still matches the features it
+    draws), then the mean CIEDE2000 over the pixels where either alpha > 0.5. A pixel inside one
+    silhouette only is compared with the white background, which charges silhouette mismatch in the
+    same units, so there is no separate silhouette term. Images are compared as rendered, never
+    mirrored: a mug's back view is the mirror image of its front (handle left instead of right), and
+    a mug that draws its handle on the right from both sides is a two-faced mug.
+
+    Lighting. The ground truth is lit by lights fixed in the world, so its back is darker than its
+    front; a result lit the other way (turned around, or a front drawn on the back and lit from
+    behind) would otherwise be judged by brightness rather than by its door, nose or backrest. Each
+    ground-truth view is therefore rendered under the world lights and under the same lights turned
+    180 degrees about z, and the distance to it is the smaller of the two.
+
+    normalize: before each comparison, move and scale the query's view in the image so that its
+    silhouette's centroid and RMS radius are the ground-truth view's, so an off-center or smaller
+    result is compared feature for feature. (In 2D, per pair of views, rather than in 3D: a center of
+    mass is not where a turned object turns about, e.g. the chair's lies towards its backrest.)
+
+    `front_ok`: front-to-front < front-to-back; `back_like_front`: back-to-front < back-to-back;
+    `is_multi_face`: both. A result facing the wrong way has front_ok False and is not counted.
+
+    The features that tell front from back are small: a door and windows, a backrest, a handle's
+    side, a porthole, and for the snowman a nose, eyes and buttons a few pixels wide. At the
+    default 96 x 96 the decisions on the ground truth, on it turned around and on two-faced
+    versions hold for results down to 70% of the object's size and blurred by two binomial passes,
+    except the snowman at that size and blur; the distances are returned so that a close call shows.
+    """
+    if not obj.shape_def.has_front:
+        raise ValueError(f"multi_face needs a shape with a front (has_front: "
+                         f"{sorted(n for n, s in SHAPES.items() if s.has_front)}), got {obj.shape!r}")
+    n = 2
+    cameras = spherical_cameras(torch.tensor([0.0, 180.0]), torch.full((n,), float(elevation)),
+                                torch.full((n,), float(distance)), torch.full((n,), float(fovy)), size, size)
+    out_q = query.render(cameras)
+    rgb_q, alpha_q = out_q.rgb.detach().float().cpu(), out_q.alpha[..., 0].detach().float().cpu()  # [2, H, W, *]
+    lights = [LIGHT_DIR, (-LIGHT_DIR[0], -LIGHT_DIR[1], LIGHT_DIR[2])]  # the world's, and turned half a turn about z
+    gts = [render_object(obj, cameras, light_dir=light) for light in lights]
+
+    def dist(i: int, j: int) -> float:
+        """Query view i to ground-truth view j, under the closer of the two lightings."""
+        rgb, alpha = rgb_q[i], alpha_q[i]
+        if normalize:
+            rgb, alpha = _align_view(rgb, alpha, gts[0].alpha[j, ..., 0])
+        return min(_view_distance(rgb, alpha, g.rgb[j], g.alpha[j, ..., 0]) for g in gts)
+
+    ff, fb, bf, bb = dist(0, 0), dist(0, 1), dist(1, 0), dist(1, 1)
+    front_ok, back_like_front = ff < fb, bf < bb
+    return MultiFace(front_ok=front_ok, back_like_front=back_like_front, is_multi_face=front_ok and back_like_front,
+                     front_to_front=ff, front_to_back=fb, back_to_front=bf, back_to_back=bb)
+
+
+def seed_diversity(queries: Sequence[Query], resolution: int = 48, threshold: float = 0.5, bound: float = 1.0,
+                   extent: float = 3.0, best_over_azimuth: bool = False, azimuth_step: float = AZIMUTH_STEP,
+                   moment_samples: int = 4) -> float:
+    """Diversity of results of one prompt across seeds: the mean over pairs of 1 - 3D IoU.
+
+    0: the same shape every time; 1: no overlap. Each query is read as `iou_3d` reads it (occupancy >
+    threshold on a `resolution`^3 grid over [-bound, bound]^3, enclosed voxels filled) and normalized
+    the same way: its center of mass and RMS radius (jittered grids) are mapped to the origin and 1.
+    IoU is counted on a `resolution`^3 grid over [-extent, extent]^3 in those normalized units (3 RMS
+    radii hold every Shapes-world object), so position and size do not count, shape does.
+    best_over_azimuth: the best IoU over a quarter turn (as `iou_3d` for rotationally symmetric
+    shapes), so a turned cube is not a different cube.
+    """
+    if len(queries) < 2:
+        raise ValueError(f"seed_diversity needs at least 2 queries (one per seed), got {len(queries)}")
+    unit = _grid(resolution, extent)  # [R^3, 3] normalized coordinates
+    azimuths = [i * azimuth_step for i in range(max(1, round(90.0 / azimuth_step)))] if best_over_azimuth else [0.0]
+    normalized = []  # per query: its solid occupancy (any points), center [3] and RMS radius
+    for q in queries:
+        occupied = _solid_occupied(q, resolution, bound, threshold)
+        center, scale = _moments(occupied, resolution, bound, threshold, moment_samples)
+        normalized.append((occupied, center, scale))
+    grids = [occ(center + unit * scale) for occ, center, scale in normalized]  # [R^3] bool each
+    distances = []
+    for i in range(len(queries)):
+        for j in range(i + 1, len(queries)):
+            occ_j, center_j, scale_j = normalized[j]
+            best = 0.0
+            for az in azimuths:
+                g_j = grids[j] if az == 0 else occ_j(center_j + _rotate_z(unit, az, torch.zeros(3)) * scale_j)
+                union = (grids[i] | g_j).sum()
+                best = max(best, float((grids[i] & g_j).sum() / union) if union > 0 else 1.0)
+            distances.append(1.0 - best)
+    return sum(distances) / len(distances)
+
+
+def saturation(query: Query, cameras: Cameras | None = None) -> float:
+    """Mean CIELAB chroma C*ab = sqrt(a*^2 + b*^2) of the query's foreground (alpha > 0.5) pixels.
+
+    Default views: `eval_cameras()`; NaN when nothing is foreground. Chroma rather than HSV
+    saturation: it is in the units of the other color metrics here and stays small on dark pixels,
+    where (max - min) / max of a noisy render jumps to 1. It grows with lightness, so compare a result
+    with its ground truth rendered from the same views (`saturation(ObjectQuery(obj))`): a ratio
+    above 1 is a result more colorful than the object, the over-saturation of score distillation at
+    high guidance scales. Gray objects have a chroma near 0; compare differences for them.
+    """
+    cameras = eval_cameras() if cameras is None else cameras
+    out = query.render(cameras)
+    fg = out.alpha[..., 0].detach().cpu() > 0.5  # [C, H, W]
+    if not fg.any():
+        return float("nan")
+    lab = srgb_to_lab(out.rgb.detach().float().cpu()[fg])  # [P, 3]
+    return float(torch.hypot(lab[:, 1], lab[:, 2]).mean())

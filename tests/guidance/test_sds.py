@@ -5,7 +5,8 @@ import torch
 
 from gen3d.cameras import spherical_cameras
 from gen3d.errors import PriorNotAvailable
-from gen3d.guidance import GUIDANCES, SDSConfig, SDSGuidance
+from gen3d.guidance import GUIDANCES, SDSGuidance
+from gen3d.guidance import GuidanceConfig
 from gen3d.guidance.base import reparameterized_loss, sample_timesteps, step_range, timestep_weight
 from gen3d.priors.diffusion import DiffusionPrior
 from gen3d.priors.prompts import PromptBatch, PromptConfig, PromptProcessor
@@ -77,7 +78,7 @@ def test_pixel_gradient_reaches_render(pixel_prior):
     rgb = torch.rand(B, 16, 16, 3, requires_grad=True)
     records, handle = _capture_unet_input(pixel_prior)
     try:
-        out = SDSGuidance(pixel_prior, SDSConfig(guidance_scale=s))(rgb, prompts, 0, 100, generator=_gen())
+        out = SDSGuidance(pixel_prior, GuidanceConfig(guidance_scale=s))(rgb, prompts, 0, 100, generator=_gen())
     finally:
         handle.remove()
     (x_in, t_in), = records  # one batched call on [x_t; x_t]
@@ -113,7 +114,7 @@ def test_latent_gradient_at_z_and_render(latent_prior, monkeypatch):
     prompts = _prompts(latent_prior, B)
     rgb = torch.rand(B, 32, 32, 3, requires_grad=True)
     try:
-        out = SDSGuidance(latent_prior, SDSConfig(guidance_scale=s))(rgb, prompts, 0, 100, generator=_gen())
+        out = SDSGuidance(latent_prior, GuidanceConfig(guidance_scale=s))(rgb, prompts, 0, 100, generator=_gen())
     finally:
         handle.remove()
     (z,) = captured
@@ -166,7 +167,7 @@ def test_timesteps_honor_annealed_range(min_pct, max_pct, step, bounds):
 
 
 def test_sds_timesteps_in_range(pixel_prior):
-    cfg = SDSConfig(min_step_percent=[0, 0.5, 0.02, 100], max_step_percent=[0, 0.98, 0.5, 100])
+    cfg = GuidanceConfig(min_step_percent=[0, 0.5, 0.02, 100], max_step_percent=[0, 0.98, 0.5, 100])
     sds, prompts, rgb = SDSGuidance(pixel_prior, cfg), _prompts(pixel_prior, 4), torch.rand(4, 16, 16, 3)
     for step, (lo, hi) in ((0, (500, 980)), (100, (20, 500))):
         t = sds(rgb, prompts, step, 100, generator=_gen(step)).t
@@ -198,7 +199,7 @@ def test_sqrt_anneal_is_deterministic():
 
 def test_weightings(pixel_prior):
     prompts, rgb = _prompts(pixel_prior, 3), torch.rand(3, 16, 16, 3)
-    outs = {w: SDSGuidance(pixel_prior, SDSConfig(weighting=w))(rgb, prompts, 0, 100, generator=_gen())
+    outs = {w: SDSGuidance(pixel_prior, GuidanceConfig(weighting=w))(rgb, prompts, 0, 100, generator=_gen())
             for w in ("uniform", "sds", "fantasia3d")}
     t = outs["uniform"].t
     assert torch.equal(t, outs["sds"].t) and torch.equal(t, outs["fantasia3d"].t)
@@ -221,10 +222,10 @@ def test_grad_clip_bounds_g(pixel_prior):
     prompts, rgb = _prompts(pixel_prior, 2), torch.rand(2, 16, 16, 3)
     free = SDSGuidance(pixel_prior)(rgb, prompts, 0, 100, generator=_gen())
     assert free.grad.abs().max() > 0.05
-    clipped = SDSGuidance(pixel_prior, SDSConfig(grad_clip=0.01))(rgb, prompts, 0, 100, generator=_gen())
+    clipped = SDSGuidance(pixel_prior, GuidanceConfig(grad_clip=0.01))(rgb, prompts, 0, 100, generator=_gen())
     assert clipped.grad.abs().max() <= 0.01
     torch.testing.assert_close(clipped.grad, free.grad.clamp(-0.01, 0.01))
-    scheduled = SDSGuidance(pixel_prior, SDSConfig(grad_clip=[0, 0.01, 0.05, 100]))
+    scheduled = SDSGuidance(pixel_prior, GuidanceConfig(grad_clip=[0, 0.01, 0.05, 100]))
     for step, c in ((0, 0.01), (50, 0.03), (100, 0.05)):
         out = scheduled(rgb, prompts, step, 100, generator=_gen())
         assert out.grad.abs().max() <= c + 1e-7
@@ -279,11 +280,11 @@ def test_perp_neg_through_sds(pixel_prior):
 )
 def test_config_validation(kwargs, field):
     with pytest.raises(ValueError, match=field):
-        SDSConfig(**kwargs)
+        GuidanceConfig(**kwargs)
 
 
 def test_registry_and_input_checks(pixel_prior):
-    assert GUIDANCES["sds"] == (SDSConfig, SDSGuidance)
+    assert GUIDANCES["sds"] is SDSGuidance
     sds = SDSGuidance(pixel_prior)
     with pytest.raises(ValueError, match=r"\[B, H, W, 3\]"):
         sds(torch.rand(2, 3, 16, 16), _prompts(pixel_prior, 2), 0, 10)

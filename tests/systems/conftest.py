@@ -26,3 +26,29 @@ def fast_overrides(prior, out, steps=4, system="dreamgaussian"):
                          "renderer.samples_per_ray=32"]
     return common + ["gaussians.num_points=200", "render_sizes=[16]", "render_size_milestones=[]",
                      "densify.densify_from=1", "densify.densify_every=2"]
+
+
+def straight_and_resumed(preset, prior, tmp_path, steps, stop_at, overrides=(), system="dreamgaussian"):
+    """Two seeded runs of `preset`: one straight through `steps`, one stopped at `stop_at`, checkpointed, and
+    resumed in a new System to the end. Returns (straight, resumed) Systems, for comparing their tensors."""
+    from gen3d.cli import load_run_config
+    from gen3d.runs import new_run_dir
+    from gen3d.systems.base import write_config
+
+    def make(sub):
+        o = fast_overrides(prior, tmp_path / sub, steps=steps, system=system)
+        system_cls, cfg = load_run_config(preset, ["prompt=a red mug", *o, "turntable_frames=0", "exports=[]",
+                                                   "checkpoint_every=0", "val_every=0", *overrides])
+        run = new_run_dir(cfg.output_dir, system_cls.name, cfg.prompt)
+        write_config(run, cfg)
+        return system_cls(cfg, run)
+
+    straight = make("a")
+    straight.fit()
+    first = make("b")
+    first.fit(stop_at=stop_at)
+    first.save()
+    resumed = type(first)(first.cfg, first.run_dir)
+    assert resumed.resume() == stop_at
+    resumed.fit()
+    return straight, resumed

@@ -10,7 +10,7 @@ import trimesh
 from gen3d.cli import load_run_config, main
 from gen3d.runs import latest_checkpoint, new_run_dir, resolve_run
 from gen3d.systems.base import write_config
-from tests.systems.conftest import fast_overrides
+from tests.systems.conftest import fast_overrides, straight_and_resumed
 
 
 def run_cli(*argv):
@@ -46,26 +46,9 @@ def test_run_resume_export(preset, extra, tiny_pixel_prior, tmp_path):
 
 
 def test_interrupted_and_resumed_run_matches_uninterrupted(tiny_pixel_prior, tmp_path):
-    def make(sub):
-        o = fast_overrides(tiny_pixel_prior, tmp_path / sub, steps=5, system="dreamfusion")
-        system_cls, cfg = load_run_config("dreamfusion", ["prompt=a red mug", *o, "turntable_frames=0", "exports=[]",
-                                                          "checkpoint_every=0", "val_every=0",
-                                                          "renderer.grid_update_interval=2"])
-        run = new_run_dir(cfg.output_dir, system_cls.name, cfg.prompt)
-        write_config(run, cfg)
-        return system_cls, cfg, run
-
-    cls, cfg, run_a = make("a")
-    straight = cls(cfg, run_a)
-    straight.fit()
-    cls, cfg, run_b = make("b")
-    first = cls(cfg, run_b)
-    first.fit(stop_at=3)
-    first.save()
-    second = cls(cfg, run_b)
-    assert second.resume() == 3
-    second.fit()
-    a, b = straight.model_tensors(), second.model_tensors()
+    straight, resumed = straight_and_resumed("dreamfusion", tiny_pixel_prior, tmp_path, steps=5, stop_at=3,
+                                             overrides=["renderer.grid_update_interval=2"], system="dreamfusion")
+    a, b = straight.model_tensors(), resumed.model_tensors()
     assert a.keys() == b.keys() and any(k.startswith("renderer.grid") for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k

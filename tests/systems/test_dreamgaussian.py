@@ -12,9 +12,9 @@ import pytest
 import torch
 from plyfile import PlyData
 
-from gen3d.cli import load_run_config, main
+from gen3d.cli import main
 from gen3d.runs import latest_checkpoint, resolve_run
-from tests.systems.conftest import fast_overrides
+from tests.systems.conftest import fast_overrides, straight_and_resumed
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,29 +51,8 @@ def test_run_resume_export_end_to_end(tiny_pixel_prior, tmp_path, capsys):
 
 
 def test_interrupted_and_resumed_run_matches_uninterrupted(tiny_pixel_prior, tmp_path):
-    from gen3d.runs import new_run_dir
-    from gen3d.systems.base import write_config
-
-    def make(folder, overrides):
-        system_cls, cfg = load_run_config("dreamgaussian", ["prompt=a red mug", *overrides])
-        run = new_run_dir(cfg.output_dir, system_cls.name, cfg.prompt)
-        write_config(run, cfg)
-        return system_cls, cfg, run
-
-    o = fast_overrides(tiny_pixel_prior, tmp_path / "a", steps=6) + ["turntable_frames=0", "exports=[]", "checkpoint_every=0"]
-    cls, cfg, run_a = make("a", o)
-    straight = cls(cfg, run_a)
-    straight.fit()
-
-    o = fast_overrides(tiny_pixel_prior, tmp_path / "b", steps=6) + ["turntable_frames=0", "exports=[]", "checkpoint_every=0"]
-    cls, cfg, run_b = make("b", o)
-    first = cls(cfg, run_b)
-    first.fit(stop_at=3)
-    first.save()
-    second = cls(cfg, run_b)
-    assert second.resume() == 3
-    second.fit()
-    a, b = straight.model.state_dict(), second.model.state_dict()
+    straight, resumed = straight_and_resumed("dreamgaussian", tiny_pixel_prior, tmp_path, steps=6, stop_at=3)
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k

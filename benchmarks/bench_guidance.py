@@ -179,7 +179,7 @@ def time_steps(methods: list[str], config: str, overrides: list[str], per_method
 
 def figure(report: dict, path: str, seed: int = 0, prompts: list[str] | None = None) -> Path:
     """One image from a report whose run folders still exist: a row per method, a column block per prompt, each
-    cell the run's final validation renders (RGB over alpha, as `gen3d run` writes them)."""
+    cell the RGB row of the run's final validation image (4 views from the front around, as `gen3d run` writes it)."""
     import imageio.v3 as iio
     import numpy as np
 
@@ -194,7 +194,8 @@ def figure(report: dict, path: str, seed: int = 0, prompts: list[str] | None = N
             images = sorted((Path(run) / "val").glob("step-*.png"))
             if not images:
                 raise SystemExit(f"{run} has no validation image; was it deleted (run without --output-dir)?")
-            cells.append(np.asarray(iio.imread(images[-1]))[..., :3])
+            image = np.asarray(iio.imread(images[-1]))[..., :3]
+            cells.append(image[: image.shape[0] // 2])  # the RGB row (the alpha row is below it)
         rows.append(np.concatenate(cells, axis=1))
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

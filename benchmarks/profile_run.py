@@ -164,10 +164,10 @@ def instrumented(system, timers: Timers):
     wrapped = {
         system: {"training_step": timed_step, "background_for": timers.wrap(system.background_for, "cameras"),
                  "prompts": timers.wrap(system.prompts, "prompts"),
-                 "guidance": timers.wrap(system.guidance, "prior_forward"),
                  "validate": timers.wrap(system.validate, "validation"),
                  "save": timers.wrap(system.save, "checkpoints"),
                  "write_turntable": timers.wrap(system.write_turntable, "turntable")},
+        system.guidance: {"guide": timers.wrap(system.guidance.guide, "prior_forward")},
         system.prior: {"encode": timers.wrap(system.prior.encode, "prior_encode"),
                        "unet_eps": timers.wrap(system.prior.unet_eps, "prior_unet")},
         system.model: {"update_learning_rate": timers.wrap(system.model.update_learning_rate, "lr_schedule")},

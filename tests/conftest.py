@@ -19,3 +19,18 @@ torch.set_num_threads(1)
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+# Tiny random diffusers priors (real components, built offline) for runs of every system.
+@pytest.fixture(scope="session")
+def tiny_pixel_prior(tmp_path_factory):
+    from tests.tiny_prior import make_tiny_prior
+
+    return make_tiny_prior(tmp_path_factory.mktemp("prior") / "tiny-pixel", kind="pixel")
+
+
+@pytest.fixture(scope="session")
+def tiny_latent_prior(tmp_path_factory):
+    from tests.tiny_prior import make_tiny_prior
+
+    return make_tiny_prior(tmp_path_factory.mktemp("prior") / "tiny-latent", kind="latent")

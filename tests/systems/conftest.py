@@ -1,18 +1,3 @@
-import pytest
-
-from tests.tiny_prior import make_tiny_prior
-
-
-@pytest.fixture(scope="session")
-def tiny_pixel_prior(tmp_path_factory):
-    return make_tiny_prior(tmp_path_factory.mktemp("prior") / "tiny-pixel", kind="pixel")
-
-
-@pytest.fixture(scope="session")
-def tiny_latent_prior(tmp_path_factory):
-    return make_tiny_prior(tmp_path_factory.mktemp("prior") / "tiny-latent", kind="latent")
-
-
 def fast_overrides(prior, out, steps=4, system="dreamgaussian"):
     """A run of `system` small enough for a CPU test: a small representation, small renders, every output written."""
     common = [

@@ -4,6 +4,8 @@
     gen3d run @last --resume                          # continue the newest run
     gen3d export @last --format ply                   # standard 3DGS PLY (also glb, obj, mesh-ply, video)
     gen3d convert @last to=gaussians steps=500        # distill a run into another representation
+    gen3d view @last                                  # the result in the browser (also a .ply or .glb)
+    gen3d run dreamgaussian prompt="a red mug" --viewer   # watch a run live
     gen3d configs                                     # list the presets
     gen3d run dreamgaussian --show-config             # every key, its value and what it does
 
@@ -75,6 +77,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from gen3d.runs import new_run_dir, resolve_run
     from gen3d.systems.base import Interrupted, write_config
 
+    if getattr(args, "viewer", False):
+        args.overrides = [*args.overrides, "viewer.enabled=true"]
     output_dir = _output_dir(args.overrides)
     if args.config.startswith("@") or args.resume:
         if args.resume:
@@ -126,6 +130,36 @@ def cmd_export(args: argparse.Namespace) -> int:
         out = Path(args.output) if args.output and len(args.format) == 1 else run_dir / "export" / default_export_name(fmt)
         path = system.write_turntable(out) if fmt == "video" else system.export(fmt, out)
         print(path)
+    return 0
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    """`gen3d view TARGET`: serve the result until Ctrl-C."""
+    import time
+
+    from gen3d.viewer.snapshots import snapshot_of
+
+    snapshot, title, description = snapshot_of(args.target, args.output_dir)
+    from gen3d.viewer.server import Viewer
+
+    viewer = Viewer(host=args.host, port=args.port, title=title, description=description, exports=False,
+                    log=lambda line: print(line, file=sys.stderr))
+    viewer.publish(snapshot)
+    video = snapshot.info.get("turntable")
+    if video:
+        import imageio.v3 as iio
+        import numpy as np
+
+        frames = np.stack([np.asarray(f)[..., :3] for f in iio.imiter(video)])
+        viewer.show_video(frames)
+    print(f"viewer: {viewer.url}  (Ctrl-C to close)", flush=True)
+    try:
+        while True:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        viewer.close()
     return 0
 
 
@@ -236,12 +270,22 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     run.add_argument("--resume", action="store_true", help="continue the run folder CONFIG (or @last) from its newest checkpoint")
     run.add_argument("--show-config", action="store_true", help="print the resolved config with each key's meaning and exit")
+    run.add_argument("--viewer", action="store_true", help="watch the run in the browser (= viewer.enabled=true; "
+                     "viewer.host, viewer.port, viewer.keep_open=true)")
     run.set_defaults(func=cmd_run)
 
     resume = sub.add_parser("resume", help="continue a run from its newest checkpoint (= run RUN --resume)")
     resume.add_argument("config", metavar="run", help="run folder or @last")
     resume.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. max_steps=1000")
+    resume.add_argument("--viewer", action="store_true", help="watch the run in the browser")
     resume.set_defaults(func=cmd_run, resume=True, show_config=False)
+
+    view = sub.add_parser("view", help="open a run's result, a 3DGS .ply or a mesh (.glb/.obj/.ply) in the browser")
+    view.add_argument("target", help="run folder, @last, a Gaussian .ply, or a mesh file")
+    view.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
+    view.add_argument("--port", type=int, default=8080, help="first port to try (the next free one is taken)")
+    view.add_argument("--output-dir", default="outputs", help="where @last looks for runs")
+    view.set_defaults(func=cmd_view)
 
     export = sub.add_parser("export", help="write a run's result as PLY / GLB / OBJ / video")
     export.add_argument("run", help="run folder or @last")

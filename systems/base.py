@@ -37,6 +37,36 @@ EXPORT_FORMATS = ("ply", "glb", "obj", "mesh-ply", "video")
 
 
 @dataclass
+class ViewerConfig:
+    """The live browser viewer (`gen3d run ... --viewer`)."""
+
+    enabled: bool = False
+    """Start a viser server for this run and print its URL (also: the --viewer flag)."""
+    host: str = "127.0.0.1"
+    """Interface to listen on: 127.0.0.1 keeps it on this machine; 0.0.0.0 opens it to the network."""
+    port: int = 8080
+    """First port to try; the next free one is taken when it is in use."""
+    refresh_every: int = 10
+    """Send the browser a new snapshot of the result every this many steps..."""
+    refresh_seconds: float = 2.0
+    """...but not more often than this (each snapshot is a copy of the result, sent to and redrawn by every browser)."""
+    resolution: int = 256
+    """Height in pixels of server-side renders (fields; depth / alpha / normal modes); a quarter while the camera moves."""
+    keep_open: bool = False
+    """After the run ends, keep the viewer open until Ctrl-C."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"viewer.port must be in 1..65535, got {self.port}")
+        if self.refresh_every < 1:
+            raise ValueError(f"viewer.refresh_every must be >= 1, got {self.refresh_every}")
+        if not self.refresh_seconds >= 0:
+            raise ValueError(f"viewer.refresh_seconds must be >= 0, got {self.refresh_seconds}")
+        if not 16 <= self.resolution <= 2048:
+            raise ValueError(f"viewer.resolution must be in 16..2048 pixels, got {self.resolution}")
+
+
+@dataclass
 class RunConfig:
     """Settings every system shares: steps, seed, device, output and what to write."""
 
@@ -70,6 +100,8 @@ class RunConfig:
     """Show a progress bar (step, it/s, loss)."""
     threads: int = 0
     """CPU threads for torch (0: torch's default)."""
+    viewer: ViewerConfig = field(default_factory=ViewerConfig)
+    """Live browser viewer."""
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
@@ -216,6 +248,31 @@ class System:
         """Write the result in `fmt` (one of EXPORT_FORMATS but 'video') to `path`; return the path written."""
         raise NotImplementedError
 
+    def snapshot(self):
+        """A frozen copy of the result for the viewer (`gen3d.viewer.protocol.Snapshot`), taken between steps."""
+        raise NotImplementedError
+
+    def export_now(self) -> list[Path]:
+        """Write the run's configured exports (not the video) now, e.g. from the viewer's "Export now" button."""
+        paths = []
+        for fmt in self.cfg.exports:
+            if fmt != "video":
+                paths.append(self.export(fmt, self.run_dir / "export" / default_export_name(fmt)))
+                self.log.info(f"exported {fmt}: {paths[-1]}")
+        return paths
+
+    def start_viewer(self):
+        """The viser viewer of this run (`gen3d.viewer.server.Viewer`), showing the current result."""
+        from gen3d.viewer.server import Viewer
+
+        v = self.cfg.viewer
+        prompt = getattr(self.cfg, "prompt", "")
+        viewer = Viewer(host=v.host, port=v.port, title=f"gen3d {self.name}", description=f"*{prompt}*" if prompt else "",
+                        max_steps=self.cfg.max_steps, resolution=v.resolution, log=self.log.info)
+        viewer.publish(self.snapshot())
+        self.log.info(f"viewer: {viewer.url}")
+        return viewer
+
     @property
     def eval_orbit(self) -> OrbitConfig:
         return getattr(self.cfg, "cameras", OrbitConfig())
@@ -226,6 +283,10 @@ class System:
         cfg = self.cfg
         end = min(cfg.max_steps, stop_at) if stop_at is not None else cfg.max_steps
         self.ensure_training()
+        viewer = self.viewer = self.start_viewer() if cfg.viewer.enabled else None
+        if viewer is not None:
+            viewer.training = True
+        self._published = time.perf_counter()
         previous = signal.getsignal(signal.SIGINT)
         installed = _install_sigint(self)
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress, dynamic_ncols=True,
@@ -245,20 +306,45 @@ class System:
                     metrics_file.flush()
                 if cfg.val_every and step % cfg.val_every == 0:
                     self.validate()
+                if viewer is not None:
+                    self._serve_viewer(viewer, step, out)
                 if self._interrupt:
                     self.save()
                     raise Interrupted(step, self.run_dir)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                     self.save()
+            if self.step >= cfg.max_steps:
+                self.save()
+                self.finish()
+                if viewer is not None and cfg.viewer.keep_open:
+                    viewer.training = False
+                    viewer.publish(self.snapshot())
+                    self.log.info(f"training done; the viewer stays open at {viewer.url} until Ctrl-C")
+                    while viewer.wait_while_paused(forever=True, stop=lambda: self._interrupt, timeout=0.2):
+                        if viewer.pop_export_request():
+                            self.export_now()
         finally:
             bar.close()
             metrics_file.close()
             if installed:
                 signal.signal(signal.SIGINT, previous)
-        if self.step >= cfg.max_steps:
-            self.save()
-            self.finish()
+            if viewer is not None:
+                viewer.close()
         return self.run_dir
+
+    def _serve_viewer(self, viewer, step: int, out: dict[str, float]) -> None:
+        """Between two steps: scalars to the viewer, a snapshot every refresh_every steps, its pause and export."""
+        v = self.cfg.viewer
+        refresh = step % v.refresh_every == 0 and time.perf_counter() - self._published >= v.refresh_seconds
+        viewer.update(step, out, cameras=getattr(self, "last_cameras", None), plot=refresh)
+        if refresh:
+            viewer.publish(self.snapshot())
+            self._published = time.perf_counter()
+        while True:  # paused: wait here, still answering "Export now"
+            if viewer.pop_export_request():
+                self.export_now()
+            if not viewer.wait_while_paused(stop=lambda: self._interrupt, timeout=0.2):
+                break
 
     def finish(self) -> None:
         """Final validation image, turntable video and exports."""

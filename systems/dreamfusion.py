@@ -126,6 +126,7 @@ class DreamFusion(System):
         cfg = self.cfg
         size = cfg.render_size
         cams = sample_orbit(cfg.cameras, self.generator, width=size, height=size).to(self.device)
+        self.last_cameras = cams
         shading = "albedo" if step <= schedule_value(cfg.albedo_only_until, step, cfg.max_steps) else None
         out = self.renderer(self.field, cams, generator=self.generator, step=step, train=True, shading=shading)
         g = self.guidance(out.rgb, self.prompts(cams), step, cfg.max_steps, generator=self.generator, cameras=cams)
@@ -144,6 +145,20 @@ class DreamFusion(System):
     def render(self, cameras: Cameras) -> RenderOutput:
         white = torch.ones(3, device=self.device)
         return self.renderer(self.field, cameras, train=False, background=white, shading="albedo")
+
+    def snapshot(self):
+        """A frozen copy of the field and renderer, rendered (albedo over white) by the viewer's thread."""
+        import copy
+
+        from gen3d.viewer.protocol import Snapshot
+
+        field, renderer = copy.deepcopy(self.field).requires_grad_(False), copy.deepcopy(self.renderer).requires_grad_(False)
+        white = torch.ones(3, device=self.device)
+
+        def render(cameras: Cameras) -> RenderOutput:
+            return renderer(field, cameras.to(self.device), train=False, background=white, shading="albedo")
+
+        return Snapshot(step=self.step, render=render)
 
     def surface_level(self, resolution: int = 64) -> float:
         """The density iso-level of the field's surface: `mesh_threshold`, or the automatic level of

@@ -111,6 +111,7 @@ class DreamGaussian(System):
         self.model.update_learning_rate(self.optimizer, step, max_steps=cfg.max_steps)
         size = self.render_size(step)
         cams = sample_orbit(cfg.cameras, self.generator, width=size, height=size).to(self.device)
+        self.last_cameras = cams
         out = render_gaussians(self.model, cams, self.background_for(len(cams)), backend=cfg.rasterizer)
         if out.means2d is not None and out.means2d.requires_grad:
             out.means2d.retain_grad()
@@ -131,6 +132,12 @@ class DreamGaussian(System):
     def render(self, cameras: Cameras) -> RenderOutput:
         white = torch.ones(len(cameras), 3, device=self.device)
         return render_gaussians(self.model, cameras, white, backend=self.cfg.rasterizer)
+
+    def snapshot(self):
+        """The Gaussians as splats for the browser, and a frozen copy for server renders (depth, alpha)."""
+        from gen3d.viewer.snapshots import gaussian_snapshot
+
+        return gaussian_snapshot(self.model, self.step, self.cfg.rasterizer)
 
     def query(self):
         from gen3d.rendering.gaussian import GaussianQuery
@@ -172,3 +179,4 @@ class DreamGaussian(System):
                 mesh = extract_mesh(self.model)
             return save_mesh(path, mesh) or path
         raise Gen3dError(f"unknown export format '{fmt}'")
+

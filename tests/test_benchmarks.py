@@ -52,6 +52,20 @@ def test_bench_guidance_timing_quick(capsys):
     assert per["asd"]["min_s_per_step"] <= per["asd"]["median_s_per_step"]
 
 
+@pytest.mark.slow
+def test_bench_viewer_quick(capsys):
+    import shutil
+
+    pytest.importorskip("playwright.sync_api")
+    if not shutil.which("chromium"):
+        pytest.skip("no Chromium (Debian: apt-get install chromium)")
+    report = load("bench_viewer").main(["--quick", "--threads", "1"])
+    assert json.loads(capsys.readouterr().out) == report
+    on = [r for r in report["rows"] if r["viewer"]]
+    assert on and all(r["clients"] == 1 and r["steps"] > 0 for r in on)
+    assert report["steps_per_s_off"]["median"] > 0 and "slowdown_median" in report
+
+
 def _write(path, report):
     path.write_text(json.dumps(report))
     return str(path)

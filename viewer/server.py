@@ -1,0 +1,327 @@
+"""The live browser viewer: a viser server that shows `Snapshot`s while a run trains, or a finished result.
+
+Threads. The training loop calls `update` (scalars, cheap) every step and `publish` (a new frozen
+`Snapshot`) every `refresh_every` steps; neither waits for the network or for a render. 3D Gaussians
+go to the browser as viser's native splat node, which the client renders itself. Everything else
+(fields, and the depth / alpha / normal modes of Gaussians) is rendered by the viewer's own thread
+from the snapshot's frozen copy, for each client's camera, at a resolution that drops to a quarter
+while the camera moves, and with sleeps that keep its share of the CPU near `render_share`.
+The only controls that reach the training thread are flags it polls between steps: pause and
+"export now"; a disconnecting client costs nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import socket
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+import torch
+
+from gen3d.viewer.protocol import Snapshot
+
+if TYPE_CHECKING:
+    from gen3d.cameras import Cameras
+
+MODES = ("rgb", "depth", "alpha", "normal")
+
+
+def free_port(host: str, port: int, tries: int = 20) -> int:
+    """`port` if it can be bound on `host`, else the next free one of the following `tries - 1`."""
+    for candidate in range(port, port + tries):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, candidate))
+            except OSError:
+                continue
+            return candidate
+    raise OSError(f"no free port in {port}..{port + tries - 1} on {host}; pass viewer.port=<another port>")
+
+
+def quaternion_matrix(wxyz) -> np.ndarray:
+    """The rotation matrix [3, 3] of a unit quaternion (w, x, y, z)."""
+    w, x, y, z = (float(v) for v in wxyz)
+    return np.array([
+        [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
+        [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
+        [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)],
+    ])
+
+
+def matrix_quaternion(R: np.ndarray) -> np.ndarray:
+    """A unit quaternion (w, x, y, z) of the rotation matrix R [3, 3]."""
+    w = math.sqrt(max(0.0, 1.0 + R[0, 0] + R[1, 1] + R[2, 2])) / 2
+    x = math.sqrt(max(0.0, 1.0 + R[0, 0] - R[1, 1] - R[2, 2])) / 2
+    y = math.sqrt(max(0.0, 1.0 - R[0, 0] + R[1, 1] - R[2, 2])) / 2
+    z = math.sqrt(max(0.0, 1.0 - R[0, 0] - R[1, 1] + R[2, 2])) / 2
+    x, y, z = math.copysign(x, R[2, 1] - R[1, 2]), math.copysign(y, R[0, 2] - R[2, 0]), math.copysign(z, R[1, 0] - R[0, 1])
+    return np.array([w, x, y, z])
+
+
+def viser_camera(wxyz, position, fov: float, aspect: float, height: int) -> "Cameras":
+    """gen3d `Cameras` (one camera) for a viser client camera: both use OpenCV axes (x right, y down, z forward);
+    `fov` is the vertical field of view in radians, `aspect` width / height."""
+    from gen3d.cameras import Cameras, intrinsics
+
+    c2w = torch.eye(4)
+    c2w[:3, :3] = torch.from_numpy(quaternion_matrix(wxyz)).float()
+    c2w[:3, 3] = torch.tensor([float(v) for v in position])
+    width = max(8, int(round(height * aspect)))
+    eye = c2w[:3, 3]
+    distance = float(eye.norm())
+    azimuth = math.degrees(math.atan2(float(eye[1]), float(eye[0])))
+    elevation = math.degrees(math.asin(max(-1.0, min(1.0, float(eye[2]) / max(distance, 1e-8)))))
+    return Cameras(c2w[None], intrinsics(torch.tensor([math.degrees(fov)]), width, height), width, height,
+                   torch.tensor([azimuth]), torch.tensor([elevation]), torch.tensor([distance]))
+
+
+def mode_image(out, mode: str) -> np.ndarray:
+    """The uint8 image [H, W, 3] of render mode `mode` from a one-camera RenderOutput."""
+    if mode == "alpha":
+        img = out.alpha[0].expand(-1, -1, 3)
+    elif mode == "depth":
+        depth, alpha = out.depth[0, ..., 0], out.alpha[0, ..., 0]
+        valid = depth[alpha > 0.5]
+        lo, hi = (float(valid.min()), float(valid.max())) if valid.numel() else (0.0, 1.0)
+        near = 1.0 - (depth - lo) / max(hi - lo, 1e-6)  # near = bright
+        img = (near.clamp(0, 1) * alpha)[..., None].expand(-1, -1, 3)
+    elif mode == "normal" and out.normal is not None:
+        img = (out.normal[0] * 0.5 + 0.5) * out.alpha[0] + (1 - out.alpha[0])
+    else:
+        img = out.rgb[0]
+    return (img.detach().clamp(0, 1).cpu().numpy() * 255).astype(np.uint8)
+
+
+class Viewer:
+    """A viser server for one run or one result; see the module docstring."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 8080, title: str = "gen3d", description: str = "",
+                 max_steps: int | None = None, resolution: int = 256, render_share: float = 0.15,
+                 log: Callable[[str], None] = print, exports: bool = True) -> None:
+        import viser
+
+        self.log = log
+        self.port = free_port(host, port)
+        if self.port != port:
+            log(f"viewer: port {port} is in use; using {self.port}")
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            log(f"viewer: listening on {host}: anyone who can reach this machine on port {self.port} can watch "
+                f"and pause the run (use viewer.host=127.0.0.1 to keep it local)")
+        with contextlib.redirect_stdout(io.StringIO()):  # viser prints a banner to stdout; we print the URL ourselves
+            self.server = viser.ViserServer(host=host, port=self.port, label=title, verbose=False)
+        # no "share" button: it would tunnel this server to the internet at a click in any browser
+        self.server.gui.configure_theme(show_share_button=False, control_width="medium")
+        self.server.scene.set_up_direction("+z")  # gen3d's world: +z up, the front faces +x
+        self.server.initial_camera.position = (2.2, 0.9, 0.9)
+        self.server.initial_camera.look_at = (0.0, 0.0, 0.0)
+        self.url = f"http://{'localhost' if host in ('127.0.0.1', '0.0.0.0') else host}:{self.port}"
+        self.render_share = render_share
+        self.training = False  # set by the training loop while it runs: server renders then take half the resolution
+        self._snapshot: Snapshot | None = None
+        self._snapshot_id = 0
+        self._splats_id = -1
+        self._paused = threading.Event()
+        self._export = threading.Event()
+        self._stop = threading.Event()
+        self._last: dict[int, tuple] = {}  # client id -> key of its last server render
+        self._history: deque[tuple[int, float]] = deque(maxlen=2000)  # (step, loss) for the plot
+        self._t_last, self._step_last = time.perf_counter(), 0
+        self._build_gui(title, description, max_steps, resolution, exports)
+        self._thread = threading.Thread(target=self._render_loop, name="gen3d-viewer", daemon=True)
+        self._thread.start()
+
+    # ---- GUI ------------------------------------------------------------------------------------
+    def _build_gui(self, title: str, description: str, max_steps: int | None, resolution: int, exports: bool) -> None:
+        gui = self.server.gui
+        gui.add_markdown(f"**{title}**" + (f"  \n{description}" if description else ""))
+        self.info = gui.add_markdown("")
+        self.step_text = gui.add_text("Step", "0" + (f" / {max_steps}" if max_steps else ""), disabled=True)
+        self.rate_text = gui.add_text("it/s", "-", disabled=True)
+        self.loss_text = gui.add_text("Loss", "-", disabled=True)
+        self.pause_button = gui.add_button("Pause")
+        self.pause_button.on_click(lambda _: self.toggle_pause())
+        self.mode = gui.add_dropdown("Render mode", MODES, initial_value="rgb")
+        self.mode.on_update(lambda _: self._show_splats(self.mode.value == "rgb"))
+        self.resolution = gui.add_slider("Resolution", 64, 1024, 32, resolution)
+        self.show_cameras = gui.add_checkbox("Training cameras", True)
+        self.show_cameras.on_update(lambda _: self._set_frustums_visible(self.show_cameras.value))
+        if exports:
+            self.export_button = gui.add_button("Export now")
+            self.export_button.on_click(lambda _: self._export.set())
+        self.plot = None
+        self.max_steps = max_steps
+        self._frustums: list = []
+
+    def toggle_pause(self) -> None:
+        if self._paused.is_set():
+            self._paused.clear()
+            self.pause_button.label = "Pause"
+        else:
+            self._paused.set()
+            self.pause_button.label = "Resume"
+
+    def _show_splats(self, visible: bool) -> None:
+        """Splats in rgb mode (the browser renders them); hidden under the server's depth / alpha / normal images."""
+        splats = getattr(self, "splats", None)
+        if splats is not None:
+            try:
+                splats.visible = visible
+            except RuntimeError:  # replaced by a newer snapshot meanwhile, which took the mode into account
+                pass
+
+    def _set_frustums_visible(self, visible: bool) -> None:
+        for f in self._frustums:
+            f.visible = visible
+
+    # ---- the training thread's side ---------------------------------------------------------------
+    @property
+    def paused(self) -> bool:
+        return self._paused.is_set()
+
+    def wait_while_paused(self, stop: Callable[[], bool] = lambda: False, forever: bool = False,
+                          timeout: float | None = None) -> bool:
+        """Block the caller (the training loop) while the user has paused (with `forever`: until `stop()`), at most
+        `timeout` seconds; returns whether it still is paused (so the caller can serve "Export now" and wait again)."""
+        t_end = None if timeout is None else time.perf_counter() + timeout
+        while (forever or self._paused.is_set()) and not self._stop.is_set() and not stop():
+            if t_end is not None and time.perf_counter() > t_end:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def pop_export_request(self) -> bool:
+        """True once after the user pressed "Export now"."""
+        if self._export.is_set():
+            self._export.clear()
+            return True
+        return False
+
+    def update(self, step: int, scalars: dict[str, float], cameras: "Cameras | None" = None,
+               plot: bool = False) -> None:
+        """Record one training step's scalars (cheap); with `plot`, also redraw the loss plot and the frustums."""
+        now = time.perf_counter()
+        if "loss" in scalars:
+            self._history.append((step, float(scalars["loss"])))
+        if now - self._t_last > 0.5:  # readouts at 2 Hz: each is a message and a panel redraw in every browser
+            self.rate_text.value = f"{(step - self._step_last) / (now - self._t_last):.2f}"
+            self._t_last, self._step_last = now, step
+            self.step_text.value = f"{step}" + (f" / {self.max_steps}" if self.max_steps else "")
+            if "loss" in scalars:
+                self.loss_text.value = f"{scalars['loss']:.4g}"
+        if plot:
+            self._draw_plot()
+            if cameras is not None:
+                self._draw_frustums(cameras)
+
+    def publish(self, snapshot: Snapshot) -> None:
+        """Show a new snapshot: splats go to the browsers now, server renders follow on the viewer's thread."""
+        self._snapshot = snapshot
+        self._snapshot_id += 1
+        if snapshot.info:
+            self.info.content = "  \n".join(f"{k}: {v}" for k, v in snapshot.info.items())
+        if snapshot.splats is not None:
+            s = snapshot.splats
+            self.splats = self.server.scene.add_gaussian_splats(
+                "/result/splats", centers=s.centers, covariances=s.covariances, rgbs=s.rgbs, opacities=s.opacities,
+                visible=self.mode.value == "rgb")
+        if snapshot.mesh is not None:
+            self.server.scene.add_mesh_trimesh("/result/mesh", snapshot.mesh)
+
+    def show_video(self, frames: np.ndarray, fps: float = 24.0, label: str = "Turntable") -> None:
+        """Play frames ``[T, H, W, 3]`` uint8 in a loop in the GUI panel (a finished run's turntable)."""
+        image = self.server.gui.add_image(frames[0], label=label, format="jpeg")
+
+        def play() -> None:
+            i = 0
+            while not self._stop.wait(1.0 / fps):
+                i = (i + 1) % len(frames)
+                image.image = frames[i]
+
+        threading.Thread(target=play, name="gen3d-viewer-video", daemon=True).start()
+
+    def _draw_plot(self) -> None:
+        if len(self._history) < 2:
+            return
+        import viser.uplot as uplot
+
+        steps, losses = (np.array(v, dtype=np.float64) for v in zip(*self._history))
+        data = (steps, losses)
+        if self.plot is None:
+            self.plot = self.server.gui.add_uplot(
+                data, (uplot.Series(label="step"), uplot.Series(label="loss", stroke="#1f77b4", width=1.5)),
+                title="loss", aspect=1.6, scales={"x": uplot.Scale(time=False)})
+        else:
+            self.plot.data = data
+
+    def _draw_frustums(self, cameras: "Cameras") -> None:
+        for f in self._frustums:
+            f.remove()
+        self._frustums = []
+        for i in range(len(cameras)):
+            c2w = cameras.c2w[i].detach().cpu().double().numpy()
+            fovy = 2 * math.atan(0.5 * cameras.height / float(cameras.K[i, 1, 1]))
+            self._frustums.append(self.server.scene.add_camera_frustum(
+                f"/training_cameras/{i}", fov=fovy, aspect=cameras.width / cameras.height, scale=0.15,
+                wxyz=matrix_quaternion(c2w[:3, :3]), position=c2w[:3, 3], color=(255, 140, 0),
+                visible=self.show_cameras.value))
+
+    # ---- the viewer thread -------------------------------------------------------------------------
+    def _render_loop(self) -> None:
+        # One intra-op thread here (OpenMP's setting is per thread): two threads running parallel torch ops on one
+        # OpenMP pool oversubscribe the cores, which cost training 21% on a field against 7% like this (2 cores).
+        torch.set_num_threads(1)
+        busy = 0.0
+        while not self._stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                rendered = self._render_clients()
+            except Exception as exc:  # a client that left mid-render, a render that failed: never stop training
+                self.log(f"viewer: render skipped ({type(exc).__name__}: {str(exc)[:120]})")
+                rendered = False
+            busy = time.perf_counter() - t0 if rendered else 0.0
+            # keep this thread's CPU share near render_share: sleep (1 - share) / share of the time it worked
+            time.sleep(max(0.03, busy * (1 - self.render_share) / self.render_share))
+
+    def _render_clients(self) -> bool:
+        snap = self._snapshot
+        if snap is None:
+            return False
+        mode = self.mode.value
+        native = snap.splats is not None and mode == "rgb"
+        rendered = False
+        for client_id, client in list(self.server.get_clients().items()):
+            if native or snap.render is None:
+                if self._last.get(client_id) != ("native", self._snapshot_id):
+                    client.scene.set_background_image(None)
+                    self._last[client_id] = ("native", self._snapshot_id)
+                continue
+            cam = client.camera
+            moving = time.time() - cam.update_timestamp < 0.3
+            # a quarter while the camera moves; half while training runs (a paused or finished run gets it all)
+            height = max(16, int(self.resolution.value) // (4 if moving else 2 if self.training and not self.paused else 1))
+            key = (tuple(np.round(cam.wxyz, 5)), tuple(np.round(cam.position, 5)), round(cam.fov, 5),
+                   round(cam.aspect, 4), height, mode, self._snapshot_id)
+            if self._last.get(client_id) == key:
+                continue
+            cameras = viser_camera(cam.wxyz, cam.position, cam.fov, cam.aspect, height)
+            with torch.no_grad():
+                out = snap.render(cameras)
+            client.scene.set_background_image(mode_image(out, mode), format="jpeg", jpeg_quality=85)
+            self._last[client_id] = key
+            rendered = True
+        for gone in set(self._last) - set(self.server.get_clients()):
+            del self._last[gone]
+        return rendered
+
+    def close(self) -> None:
+        self._stop.set()
+        self._paused.clear()
+        self._thread.join(timeout=5)
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.server.stop()

@@ -130,12 +130,17 @@ class TextTo3DConfig(RunConfig):
     """Prior precision: auto (float16 on CUDA, float32 on CPU), float32 or float16."""
     view_dependent: bool = True
     """Append 'front/side/back/overhead view' to the prompt by camera direction."""
+    texture_size: int = 1024
+    """Side in texels of the albedo texture baked into glb and obj exports on an xatlas UV atlas (0: per-vertex
+    colors instead)."""
     use_perp_neg: bool = False
     """Perp-Neg (Armandpour et al. 2023) against multi-face objects: interpolated view prompts, the other views
     as perpendicular negatives (needs view_dependent; scale the negatives with guidance.perp_neg_scale)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.texture_size != 0 and not 16 <= self.texture_size <= 8192:
+            raise ValueError(f"texture_size must be 0 (vertex colors) or 16..8192 texels, got {self.texture_size}")
         if self.use_perp_neg and not self.view_dependent:
             raise ValueError("use_perp_neg=true needs view_dependent=true (Perp-Neg mixes the view prompts)")
 
@@ -247,6 +252,23 @@ class System:
     def export(self, fmt: str, path: Path) -> Path:
         """Write the result in `fmt` (one of EXPORT_FORMATS but 'video') to `path`; return the path written."""
         raise NotImplementedError
+
+    def surface_color(self, points: torch.Tensor) -> torch.Tensor:
+        """The result's albedo [P, 3] in [0, 1] at surface points [P, 3], for baking textures."""
+        raise NotImplementedError
+
+    def save_surface(self, mesh, path: Path) -> Path:
+        """Save a vertex-colored mesh of the result as glb / obj / ply; glb and obj get a baked albedo texture
+        (`texture_size` texels, 0: keep the vertex colors)."""
+        from gen3d.export.mesh import save_mesh
+
+        size = getattr(self.cfg, "texture_size", 0)
+        if size and Path(path).suffix.lower() in (".glb", ".obj"):
+            from gen3d.export.texture import bake, textured_mesh
+
+            with torch.no_grad():
+                mesh = textured_mesh(*bake(mesh.vertices, mesh.faces, self.surface_color, size=size, device=self.device))
+        return save_mesh(path, mesh)
 
     def snapshot(self):
         """A frozen copy of the result for the viewer (`gen3d.viewer.protocol.Snapshot`), taken between steps."""

@@ -204,11 +204,13 @@ class DreamFusion(System):
                       f"{len(mesh.vertices)} vertices")
         return mesh
 
-    def export(self, fmt: str, path: Path) -> Path:
-        from gen3d.export.mesh import save_mesh
+    def surface_color(self, points: torch.Tensor) -> torch.Tensor:
+        """The field's albedo at points [P, 3] (its features; the material's shading is not baked)."""
+        return self.field(points).features[:, :3]
 
+    def export(self, fmt: str, path: Path) -> Path:
         if fmt in ("glb", "obj", "mesh-ply"):
-            return save_mesh(path, self.mesh()) or path
+            return self.save_surface(self.mesh(), path)
         if fmt == "ply":
             raise Gen3dError(f"a {self.name} run holds a neural field, not 3D Gaussians: convert it first with "
                              f"`gen3d convert {self.run_dir} to=gaussians`, then export that run as ply")

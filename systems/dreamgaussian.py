@@ -168,7 +168,7 @@ class DreamGaussian(System):
         self.strategy.load_state_dict(state["strategy"])
 
     def export(self, fmt: str, path: Path) -> Path:
-        from gen3d.export.mesh import extract_mesh, save_mesh
+        from gen3d.export.mesh import extract_mesh
         from gen3d.export.ply import save_gaussian_ply
 
         if fmt == "ply":
@@ -177,6 +177,9 @@ class DreamGaussian(System):
         if fmt in ("glb", "obj", "mesh-ply"):
             with torch.no_grad():
                 mesh = extract_mesh(self.model)
-            return save_mesh(path, mesh) or path
+            return self.save_surface(mesh, path)
         raise Gen3dError(f"unknown export format '{fmt}'")
+
+    def surface_color(self, points: torch.Tensor) -> torch.Tensor:
+        return self.model.color_at(points)
 

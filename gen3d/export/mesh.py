@@ -149,7 +149,23 @@ def save_mesh(path: str | os.PathLike, mesh, y_up: bool | None = None) -> Path:
     if y_up:
         mesh = mesh.copy()
         mesh.apply_transform(_WORLD_TO_GLTF)
+    if suffix == ".obj" and getattr(mesh.visual, "kind", None) == "texture":
+        return _save_textured_obj(path, mesh)
     data = mesh.export(file_type=suffix[1:])
     with atomic_path(path) as tmp:
         tmp.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
+    return path
+
+
+def _save_textured_obj(path: Path, mesh) -> Path:
+    """OBJ + MTL + PNG side by side (`<stem>.mtl`, the texture named by the MTL), each written atomically,
+    the OBJ last so that a reader never finds an OBJ whose material is missing."""
+    from trimesh.exchange.obj import export_obj
+
+    text, files = export_obj(mesh, include_texture=True, return_texture=True, mtl_name=f"{path.stem}.mtl")
+    for name, data in files.items():
+        with atomic_path(path.parent / name) as tmp:
+            tmp.write_bytes(data)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
     return path

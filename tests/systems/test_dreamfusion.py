@@ -35,7 +35,7 @@ def test_run_resume_export(preset, extra, tiny_pixel_prior, tmp_path):
     if preset == "dreamfusion-if":
         assert all(line["orient"] >= 0 for line in lines)
     mesh = trimesh.load(run / "export" / "mesh.glb", force="mesh")
-    assert len(mesh.faces) > 0 and mesh.visual.kind == "vertex"
+    assert len(mesh.faces) > 0 and mesh.visual.kind == "texture"  # the baked albedo (texture_size)
     # the untrained blob has radius ~0.5: the mesh is a closed ball of about that size
     extent = mesh.bounding_box.extents.max()
     assert 0.6 < extent < 1.4, extent

@@ -130,6 +130,8 @@ class TextTo3DConfig(RunConfig):
     """Prior precision: auto (float16 on CUDA, float32 on CPU), float32 or float16."""
     view_dependent: bool = True
     """Append 'front/side/back/overhead view' to the prompt by camera direction."""
+    mesh_faces: int = 100000
+    """Decimate exported meshes to at most this many faces (quadric error; DreamGaussian: 1e5); 0 keeps every face."""
     texture_size: int = 1024
     """Side in texels of the albedo texture baked into glb and obj exports on an xatlas UV atlas (0: per-vertex
     colors instead)."""
@@ -139,6 +141,8 @@ class TextTo3DConfig(RunConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.mesh_faces != 0 and self.mesh_faces < 4:
+            raise ValueError(f"mesh_faces must be 0 (keep every face) or >= 4, got {self.mesh_faces}")
         if self.texture_size != 0 and not 16 <= self.texture_size <= 8192:
             raise ValueError(f"texture_size must be 0 (vertex colors) or 16..8192 texels, got {self.texture_size}")
         if self.use_perp_neg and not self.view_dependent:
@@ -258,10 +262,18 @@ class System:
         raise NotImplementedError
 
     def save_surface(self, mesh, path: Path) -> Path:
-        """Save a vertex-colored mesh of the result as glb / obj / ply; glb and obj get a baked albedo texture
-        (`texture_size` texels, 0: keep the vertex colors)."""
-        from gen3d.export.mesh import save_mesh
+        """Save a vertex-colored mesh of the result as glb / obj / ply: decimated to `mesh_faces` (recolored from the
+        result), and for glb and obj with a baked albedo texture (`texture_size` texels, 0: keep the vertex colors)."""
+        from gen3d.export.mesh import decimate, save_mesh, vertex_colored
 
+        faces = getattr(self.cfg, "mesh_faces", 0)
+        if faces and len(mesh.faces) > faces:
+            before = len(mesh.faces)
+            mesh = decimate(mesh, faces)
+            with torch.no_grad():
+                points = torch.as_tensor(mesh.vertices, dtype=torch.float32, device=self.device)
+                mesh = vertex_colored(mesh, self.surface_color(points))
+            self.log.info(f"mesh: decimated from {before:,} to {len(mesh.faces):,} faces (mesh_faces={faces})")
         size = getattr(self.cfg, "texture_size", 0)
         if size and Path(path).suffix.lower() in (".glb", ".obj"):
             from gen3d.export.texture import bake, textured_mesh

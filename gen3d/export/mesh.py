@@ -124,6 +124,24 @@ def isosurface_mesh(grid, bound: float, level: float, min_component_ratio: float
     return mesh
 
 
+def decimate(mesh, face_count: int):
+    """`mesh` simplified to at most `face_count` faces by quadric error decimation (Garland and Heckbert 1997,
+    through trimesh and fast-simplification); the mesh itself when it already has no more. Vertex colors are not
+    carried over: color the result again from the representation."""
+    if face_count < 4:
+        raise ValueError(f"decimate: face_count must be >= 4, got {face_count}")
+    if len(mesh.faces) <= face_count:
+        return mesh
+    try:
+        import fast_simplification  # noqa: F401  (trimesh's backend for simplify_quadric_decimation)
+    except ImportError:
+        raise Gen3dError("mesh decimation needs fast-simplification: pip install fast-simplification") from None
+    import trimesh
+
+    simple = mesh.simplify_quadric_decimation(face_count=face_count)
+    return trimesh.Trimesh(simple.vertices, simple.faces, process=False)
+
+
 def vertex_colored(mesh, colors):
     """A copy of `mesh` with per-vertex colors: colors [V, 3] in [0, 1] (clamped) -> RGBA uint8, alpha 255."""
     import trimesh

@@ -104,3 +104,32 @@ def test_textured_obj_writes_mtl_and_png(tmp_path):
     assert len(pngs) == 1 and pngs[0].name in (tmp_path / "m.mtl").read_text()
     back = trimesh.load(tmp_path / "m.obj", force="mesh")
     assert back.visual.kind == "texture" and len(back.faces) == len(sphere.faces)
+
+
+def test_decimation_keeps_the_shape():
+    from gen3d.export.mesh import decimate
+
+    sphere = trimesh.creation.icosphere(subdivisions=5, radius=0.5)  # 20,480 faces
+    small = decimate(sphere, 2000)
+    assert 1500 <= len(small.faces) <= 2000 and small.is_watertight
+    radius = np.linalg.norm(small.vertices, axis=1)
+    assert np.abs(radius - 0.5).max() < 0.01  # every vertex stays on the sphere (within 2%)
+    assert abs(small.volume - sphere.volume) / sphere.volume < 0.03
+    assert decimate(sphere, 100000) is sphere
+    with pytest.raises(ValueError, match="face_count"):
+        decimate(sphere, 2)
+
+
+def test_run_exports_decimated_recolored_meshes(tiny_pixel_prior, tmp_path):
+    from gen3d.cli import main
+    from gen3d.runs import resolve_run
+    from tests.systems.conftest import fast_overrides
+
+    out = tmp_path / "outputs"
+    o = fast_overrides(tiny_pixel_prior, out, steps=2) + ["mesh_faces=300", "exports=[mesh-ply,glb]", "turntable_frames=0"]
+    assert main(["run", "dreamgaussian", "prompt=a red mug", *o]) == 0
+    run = resolve_run("@last", out)
+    ply = trimesh.load(run / "export" / "mesh.ply", force="mesh")
+    assert 0 < len(ply.faces) <= 300 and ply.visual.kind == "vertex"
+    assert len(np.unique(ply.visual.vertex_colors[:, :3], axis=0)) > 1  # recolored from the Gaussians, not blank
+    assert len(trimesh.load(run / "export" / "mesh.glb", force="mesh").faces) <= 300

@@ -266,16 +266,18 @@ class System:
         result), and for glb and obj with a baked albedo texture (`texture_size` texels, 0: keep the vertex colors)."""
         from gen3d.export.mesh import decimate, save_mesh, vertex_colored
 
+        size = getattr(self.cfg, "texture_size", 0)
+        baked = size and Path(path).suffix.lower() in (".glb", ".obj")
         faces = getattr(self.cfg, "mesh_faces", 0)
         if faces and len(mesh.faces) > faces:
             before = len(mesh.faces)
             mesh = decimate(mesh, faces)
-            with torch.no_grad():
-                points = torch.as_tensor(mesh.vertices, dtype=torch.float32, device=self.device)
-                mesh = vertex_colored(mesh, self.surface_color(points))
+            if not baked:  # a baked texture replaces vertex colors: only a vertex-colored export needs them again
+                with torch.no_grad():
+                    points = torch.as_tensor(mesh.vertices, dtype=torch.float32, device=self.device)
+                    mesh = vertex_colored(mesh, self.surface_color(points))
             self.log.info(f"mesh: decimated from {before:,} to {len(mesh.faces):,} faces (mesh_faces={faces})")
-        size = getattr(self.cfg, "texture_size", 0)
-        if size and Path(path).suffix.lower() in (".glb", ".obj"):
+        if baked:
             from gen3d.export.texture import bake, textured_mesh
 
             with torch.no_grad():
@@ -423,9 +425,9 @@ class System:
     # ---- checkpoints ----------------------------------------------------------------------------
     def save(self) -> Path:
         state = {"training": self.training_state(), "generator": self.generator.get_state()}
-        guidance = getattr(self, "guidance", None)
-        if guidance is not None and guidance.state_dict():  # VSD's estimator, CDS's fixed noise
-            state["guidance"] = guidance.state_dict()
+        guidance_state = self.guidance.state_dict() if getattr(self, "guidance", None) is not None else {}
+        if guidance_state:  # VSD's estimator, CDS's fixed noise
+            state["guidance"] = guidance_state
         meta = {"system": self.name, "format": "gen3d-checkpoint-1", "max_steps": self.cfg.max_steps}
         path = save_checkpoint(self.run_dir, self.step, self.model_tensors(), state, meta, keep=self.cfg.keep_checkpoints)
         self.log.debug(f"checkpoint: {path}")

@@ -44,16 +44,6 @@ def free_port(host: str, port: int, tries: int = 20) -> int:
     raise OSError(f"no free port in {port}..{port + tries - 1} on {host}; pass viewer.port=<another port>")
 
 
-def quaternion_matrix(wxyz) -> np.ndarray:
-    """The rotation matrix [3, 3] of a unit quaternion (w, x, y, z)."""
-    w, x, y, z = (float(v) for v in wxyz)
-    return np.array([
-        [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
-        [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
-        [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)],
-    ])
-
-
 def matrix_quaternion(R: np.ndarray) -> np.ndarray:
     """A unit quaternion (w, x, y, z) of the rotation matrix R [3, 3]."""
     w = math.sqrt(max(0.0, 1.0 + R[0, 0] + R[1, 1] + R[2, 2])) / 2
@@ -68,9 +58,10 @@ def viser_camera(wxyz, position, fov: float, aspect: float, height: int) -> "Cam
     """gen3d `Cameras` (one camera) for a viser client camera: both use OpenCV axes (x right, y down, z forward);
     `fov` is the vertical field of view in radians, `aspect` width / height."""
     from gen3d.cameras import Cameras, intrinsics
+    from gen3d.ops._projection import quat_to_rotmat
 
     c2w = torch.eye(4)
-    c2w[:3, :3] = torch.from_numpy(quaternion_matrix(wxyz)).float()
+    c2w[:3, :3] = quat_to_rotmat(torch.tensor([float(v) for v in wxyz])[None])[0]
     c2w[:3, 3] = torch.tensor([float(v) for v in position])
     width = max(8, int(round(height * aspect)))
     eye = c2w[:3, 3]

@@ -82,13 +82,14 @@ def gaussian_snapshot(model, step: int = 0, rasterizer: str = "auto") -> Snapsho
 
     import torch
 
+    from gen3d.ops._projection import covariance_factor
     from gen3d.rendering.gaussian import render_gaussians
     from gen3d.viewer.protocol import Splats
 
     with torch.no_grad():
         frozen = copy.deepcopy(model).requires_grad_(False)
-        R, S = frozen.rotations, frozen.scales  # [N, 3, 3], [N, 3]
-        cov = (R * S[:, None, :].pow(2)) @ R.transpose(1, 2)
+        M = covariance_factor(frozen.quats, frozen.scales)  # [N, 3, 3] R S
+        cov = M @ M.transpose(1, 2)
         splats = Splats(centers=frozen.means.detach().cpu().float().numpy(), covariances=cov.cpu().float().numpy(),
                         rgbs=frozen.base_colors.cpu().float().numpy(),
                         opacities=frozen.opacities.cpu().float().numpy()[:, None])

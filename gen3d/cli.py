@@ -2,7 +2,8 @@
 
     gen3d run dreamgaussian prompt="a red mug"        # a preset by name, or configs/x.yaml
     gen3d run @last --resume                          # continue the newest run
-    gen3d export @last --format ply                   # standard 3DGS PLY (also glb, obj, mesh-ply, video)
+    gen3d export @last --format glb splat-ply         # textured mesh + 3DGS PLY (also obj, ply, video)
+    gen3d export @last --format obj mesh_faces=20000  # with export settings overridden
     gen3d convert @last to=gaussians steps=500        # distill a run into another representation
     gen3d view @last                                  # the result in the browser (also a .ply or .glb)
     gen3d run dreamgaussian prompt="a red mug" --viewer   # watch a run live
@@ -119,14 +120,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from gen3d.runs import resolve_run
-    from gen3d.systems.base import default_export_name
+    from gen3d.systems.base import default_export_name, export_format
 
     run_dir = resolve_run(args.run, args.output_dir)
-    system_cls, cfg = load_run_config(str(run_dir), [])
+    if args.output and args.format and len(args.format) > 1:
+        raise Gen3dError(f"--output names one file but --format asks for {len(args.format)}; drop --output (files go "
+                         "to <run>/export/) or export one format at a time")
+    system_cls, cfg = load_run_config(str(run_dir), args.overrides)
     cfg.progress = False
     system = system_cls(cfg, run_dir)
     system.resume(model_only=True)
-    for fmt in args.format:
+    for fmt in [export_format(f) for f in args.format or cfg.exports]:
         out = Path(args.output) if args.output and len(args.format) == 1 else run_dir / "export" / default_export_name(fmt)
         path = system.write_turntable(out) if fmt == "video" else system.export(fmt, out)
         print(path)
@@ -255,7 +259,7 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     """The argument parser; `verb` (the command line's first word) lets verbs whose help needs heavy imports
     build it only when they are asked for (`gen3d --help` stays fast)."""
     from gen3d import __version__
-    from gen3d.systems.base import EXPORT_FORMATS
+    from gen3d.systems.base import EXPORT_FORMATS, FORMAT_ALIASES
 
     parser = argparse.ArgumentParser(
         prog="gen3d", description="Text or one image to 3D: score distillation, exports, viewer.", epilog=EPILOG)
@@ -287,10 +291,13 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     view.add_argument("--output-dir", default="outputs", help="where @last looks for runs")
     view.set_defaults(func=cmd_view)
 
-    export = sub.add_parser("export", help="write a run's result as PLY / GLB / OBJ / video")
+    export = sub.add_parser("export", help="write a run's result as GLB / OBJ / PLY mesh, 3DGS PLY or video")
     export.add_argument("run", help="run folder or @last")
-    export.add_argument("--format", nargs="+", default=["ply"], choices=EXPORT_FORMATS,
-                        help="ply: standard 3DGS PLY; glb/obj/mesh-ply: mesh; video: turntable")
+    export.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="export settings, e.g. mesh_faces=20000 texture_size=512 mesh_threshold=auto")
+    export.add_argument("--format", nargs="+", choices=EXPORT_FORMATS + tuple(FORMAT_ALIASES), metavar="FORMAT",
+                        help="glb / obj: textured mesh; ply: vertex-colored mesh; splat-ply: standard 3DGS PLY; "
+                             "video: turntable (default: the run's exports)")
     export.add_argument("--output", help="output file (default: <run>/export/<name>)")
     export.add_argument("--output-dir", default="outputs", help="where @last looks for runs")
     export.set_defaults(func=cmd_export)

@@ -33,7 +33,19 @@ from gen3d.runs import latest_checkpoint, save_checkpoint
 
 import yaml
 
-EXPORT_FORMATS = ("ply", "glb", "obj", "mesh-ply", "video")
+EXPORT_FORMATS = ("splat-ply", "glb", "obj", "ply", "video")
+"""splat-ply: 3D Gaussians in the standard 3DGS PLY layout; glb / obj / ply: the surface mesh (textured glb and obj,
+vertex colors in ply); video: the turntable."""
+MESH_FORMATS = ("glb", "obj", "ply")
+FORMAT_ALIASES = {"mesh-ply": "ply", "gaussians": "splat-ply", "3dgs": "splat-ply", "mp4": "video"}
+
+
+def export_format(name: str) -> str:
+    """The canonical export format of `name` (an alias such as mesh-ply is accepted); ValueError when unknown."""
+    fmt = FORMAT_ALIASES.get(name, name)
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {name!r}; choose among {list(EXPORT_FORMATS)}")
+    return fmt
 
 
 @dataclass
@@ -94,8 +106,8 @@ class RunConfig:
     """Frames of the final turntable video (0: no video)."""
     turntable_fps: int = 24
     """Frame rate of the turntable video."""
-    exports: list[str] = field(default_factory=lambda: ["ply", "glb"])
-    """Files written at the end of a run, among: ply (3DGS), glb, obj, mesh-ply, video."""
+    exports: list[str] = field(default_factory=lambda: ["splat-ply", "glb"])
+    """Files written at the end of a run, among: splat-ply (3DGS), glb, obj, ply (mesh), video."""
     progress: bool = True
     """Show a progress bar (step, it/s, loss)."""
     threads: int = 0
@@ -109,9 +121,10 @@ class RunConfig:
         for name in ("val_every", "checkpoint_every", "log_every", "turntable_frames", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        bad = [f for f in self.exports if f not in EXPORT_FORMATS]
+        bad = [f for f in self.exports if FORMAT_ALIASES.get(f, f) not in EXPORT_FORMATS]
         if bad:
             raise ValueError(f"exports: unknown format(s) {bad}; choose among {list(EXPORT_FORMATS)}")
+        self.exports = [export_format(f) for f in self.exports]
 
 
 @dataclass
@@ -130,8 +143,17 @@ class TextTo3DConfig(RunConfig):
     """Prior precision: auto (float16 on CUDA, float32 on CPU), float32 or float16."""
     view_dependent: bool = True
     """Append 'front/side/back/overhead view' to the prompt by camera direction."""
+    mesh_resolution: int = 128
+    """Grid nodes per axis of the marching-cubes surface (DreamGaussian and threestudio: 128)."""
+    mesh_threshold: str = "auto"
+    """Density iso-level of the surface: "auto" (the level whose solid has the result's own rendered silhouettes,
+    `gen3d.export.surface`) or a number (DreamGaussian's Gaussians: 1; threestudio's fields: 25)."""
+    mesh_backend: str = "auto"
+    """Mesh clean-up library: auto (pymeshlab when installed, else trimesh), trimesh, pymeshlab or open3d."""
     mesh_faces: int = 100000
     """Decimate exported meshes to at most this many faces (quadric error; DreamGaussian: 1e5); 0 keeps every face."""
+    mesh_remesh: float = 0.0
+    """Isotropic remeshing to this edge length in world units after decimation (0: off; needs pymeshlab)."""
     texture_size: int = 1024
     """Side in texels of the albedo texture baked into glb and obj exports on an xatlas UV atlas (0: per-vertex
     colors instead)."""
@@ -141,6 +163,21 @@ class TextTo3DConfig(RunConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.mesh_threshold != "auto":
+            try:
+                ok = float(self.mesh_threshold) > 0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"mesh_threshold must be 'auto' or a positive number, got {self.mesh_threshold!r}")
+        if self.mesh_resolution < 8:
+            raise ValueError(f"mesh_resolution must be >= 8, got {self.mesh_resolution}")
+        from gen3d.export.cleanup import MESH_BACKENDS
+
+        if self.mesh_backend not in MESH_BACKENDS:
+            raise ValueError(f"mesh_backend must be one of {list(MESH_BACKENDS)}, got {self.mesh_backend!r}")
+        if not self.mesh_remesh >= 0:
+            raise ValueError(f"mesh_remesh must be an edge length >= 0 (0: off), got {self.mesh_remesh}")
         if self.mesh_faces != 0 and self.mesh_faces < 4:
             raise ValueError(f"mesh_faces must be 0 (keep every face) or >= 4, got {self.mesh_faces}")
         if self.texture_size != 0 and not 16 <= self.texture_size <= 8192:
@@ -254,34 +291,60 @@ class System:
         raise NotImplementedError
 
     def export(self, fmt: str, path: Path) -> Path:
-        """Write the result in `fmt` (one of EXPORT_FORMATS but 'video') to `path`; return the path written."""
+        """Write the result in `fmt` (one of EXPORT_FORMATS but 'video', or an alias) to `path`; return the path."""
+        fmt = export_format(fmt)
+        if fmt in MESH_FORMATS:
+            return self.save_surface(self.mesh(), path)
+        if fmt == "splat-ply":
+            return self.export_splats(path)
+        raise Gen3dError(f"'{fmt}' is not a file export; the turntable is written by write_turntable")
+
+    def export_splats(self, path: Path) -> Path:
+        """Write the result as 3D Gaussians in the standard 3DGS PLY layout."""
+        raise Gen3dError(f"a {self.name} run holds no 3D Gaussians")
+
+    def representation(self):
+        """The result as `gen3d.export.surface.extract_surface` takes it: a GaussianModel or a Field."""
         raise NotImplementedError
+
+    def mesh(self):
+        """The result's surface as a vertex-colored trimesh (`gen3d.export.surface`), at the configured level."""
+        from gen3d.export.surface import extract_surface
+
+        cfg = self.cfg
+        threshold = "auto" if cfg.mesh_threshold == "auto" else float(cfg.mesh_threshold)
+        with torch.no_grad():
+            mesh = extract_surface(self.representation(), resolution=cfg.mesh_resolution, threshold=threshold)
+        iou = mesh.metadata.get("threshold_iou")
+        self.log.info(f"mesh: density iso-level {mesh.metadata['threshold']:.4g} ({cfg.mesh_threshold}"
+                      + (f", silhouette IoU {iou:.3f}" if iou is not None else "") + f"), {len(mesh.faces):,} faces")
+        return mesh
 
     def surface_color(self, points: torch.Tensor) -> torch.Tensor:
         """The result's albedo [P, 3] in [0, 1] at surface points [P, 3], for baking textures."""
         raise NotImplementedError
 
     def save_surface(self, mesh, path: Path) -> Path:
-        """Save a vertex-colored mesh of the result as glb / obj / ply: decimated to `mesh_faces` (recolored from the
-        result), and for glb and obj with a baked albedo texture (`texture_size` texels, 0: keep the vertex colors)."""
-        from gen3d.export.mesh import decimate, save_mesh, vertex_colored
+        """Save a mesh of the result as glb / obj / ply: cleaned up (`gen3d.export.cleanup`: repaired, decimated to
+        `mesh_faces`, optionally remeshed, outward normals), then for glb and obj with a baked albedo texture
+        (`texture_size` texels; 0: vertex colors), for ply with vertex colors, both from the result."""
+        from gen3d.export.cleanup import clean_mesh
+        from gen3d.export.mesh import save_mesh, vertex_colored
 
-        size = getattr(self.cfg, "texture_size", 0)
-        baked = size and Path(path).suffix.lower() in (".glb", ".obj")
-        faces = getattr(self.cfg, "mesh_faces", 0)
-        if faces and len(mesh.faces) > faces:
-            before = len(mesh.faces)
-            mesh = decimate(mesh, faces)
-            if not baked:  # a baked texture replaces vertex colors: only a vertex-colored export needs them again
-                with torch.no_grad():
-                    points = torch.as_tensor(mesh.vertices, dtype=torch.float32, device=self.device)
-                    mesh = vertex_colored(mesh, self.surface_color(points))
-            self.log.info(f"mesh: decimated from {before:,} to {len(mesh.faces):,} faces (mesh_faces={faces})")
-        if baked:
-            from gen3d.export.texture import bake, textured_mesh
+        cfg = self.cfg
+        before = len(mesh.faces)
+        mesh = clean_mesh(mesh, faces=cfg.mesh_faces, remesh=cfg.mesh_remesh, backend=cfg.mesh_backend)
+        self.log.info(f"mesh: cleaned up with {mesh.metadata['mesh_backend']}: {before:,} -> {len(mesh.faces):,} faces "
+                      f"(mesh_faces={cfg.mesh_faces}" + (f", remeshed to edges of {cfg.mesh_remesh}" if cfg.mesh_remesh else "") + ")")
+        with torch.no_grad():
+            if cfg.texture_size and Path(path).suffix.lower() in (".glb", ".obj"):
+                from gen3d.export.texture import bake, textured_mesh
 
-            with torch.no_grad():
-                mesh = textured_mesh(*bake(mesh.vertices, mesh.faces, self.surface_color, size=size, device=self.device))
+                mesh = textured_mesh(*bake(mesh.vertices, mesh.faces, self.surface_color, size=cfg.texture_size,
+                                           device=self.device))
+            else:
+                points = torch.as_tensor(mesh.vertices, dtype=torch.float32, device=self.device)
+                mesh = vertex_colored(mesh, self.surface_color(points))
         return save_mesh(path, mesh)
 
     def snapshot(self):
@@ -469,8 +532,8 @@ class System:
 
 
 def default_export_name(fmt: str) -> str:
-    return {"ply": "model.ply", "glb": "mesh.glb", "obj": "mesh.obj", "mesh-ply": "mesh.ply",
-            "video": "turntable.mp4"}[fmt]
+    return {"splat-ply": "model.ply", "glb": "mesh.glb", "obj": "mesh.obj", "ply": "mesh.ply",
+            "video": "turntable.mp4"}[export_format(fmt)]
 
 
 def write_config(run_dir: Path, cfg: Any) -> Path:

@@ -67,13 +67,8 @@ class DreamFusionConfig(TextTo3DConfig):
     """Score distillation: guidance.type sds | vsd | cds | asd and its settings."""
     cameras: OrbitConfig = field(default_factory=OrbitConfig)
     """Training and evaluation cameras."""
-    mesh_resolution: int = 128
-    """Grid nodes per axis of the marching-cubes mesh export."""
-    mesh_threshold: str = "auto"
-    """Iso-level of the density for the mesh: "auto" (the level whose solid has the field's rendered
-    silhouettes, `gen3d.export.field_mesh`) or a number."""
     exports: list[str] = field(default_factory=lambda: ["glb"])
-    """Files written at the end of a run, among: glb, obj, mesh-ply, video (a 3DGS ply needs
+    """Files written at the end of a run, among: glb, obj, ply (mesh), video (a 3DGS splat-ply needs
     `gen3d convert RUN to=gaussians` first)."""
 
     def __post_init__(self) -> None:
@@ -83,15 +78,6 @@ class DreamFusionConfig(TextTo3DConfig):
         if self.render_size < 8:
             raise ValueError(f"render_size must be >= 8 pixels, got {self.render_size}")
         check_schedule(self.albedo_only_until, "albedo_only_until")
-        if self.mesh_threshold != "auto":
-            try:
-                ok = float(self.mesh_threshold) > 0
-            except ValueError:
-                ok = False
-            if not ok:
-                raise ValueError(f"mesh_threshold must be 'auto' or a positive number, got {self.mesh_threshold!r}")
-        if self.mesh_resolution < 8:
-            raise ValueError(f"mesh_resolution must be >= 8, got {self.mesh_resolution}")
 
 
 def build_field(cfg: DreamFusionConfig):
@@ -192,26 +178,13 @@ class DreamFusion(System):
     def load_training_state(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
 
-    def mesh(self):
-        """The field's surface as a vertex-colored trimesh (`gen3d.export.field_mesh`)."""
-        from gen3d.export.field_mesh import extract_field_mesh
-
-        cfg = self.cfg
-        threshold = "auto" if cfg.mesh_threshold == "auto" else float(cfg.mesh_threshold)
-        with torch.no_grad():
-            mesh = extract_field_mesh(self.field, resolution=cfg.mesh_resolution, threshold=threshold)
-        self.log.info(f"mesh: density iso-level {mesh.metadata['threshold']:.4g} ({cfg.mesh_threshold}), "
-                      f"{len(mesh.vertices)} vertices")
-        return mesh
+    def representation(self):
+        return self.field
 
     def surface_color(self, points: torch.Tensor) -> torch.Tensor:
         """The field's albedo at points [P, 3] (its features; the material's shading is not baked)."""
         return self.field(points).features[:, :3]
 
-    def export(self, fmt: str, path: Path) -> Path:
-        if fmt in ("glb", "obj", "mesh-ply"):
-            return self.save_surface(self.mesh(), path)
-        if fmt == "ply":
-            raise Gen3dError(f"a {self.name} run holds a neural field, not 3D Gaussians: convert it first with "
-                             f"`gen3d convert {self.run_dir} to=gaussians`, then export that run as ply")
-        raise Gen3dError(f"unknown export format '{fmt}'")
+    def export_splats(self, path: Path) -> Path:
+        raise Gen3dError(f"a {self.name} run holds a neural field, not 3D Gaussians: convert it first with "
+                         f"`gen3d convert {self.run_dir} to=gaussians`, then export that run as splat-ply")

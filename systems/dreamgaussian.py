@@ -20,7 +20,6 @@ from typing import Any
 import torch
 
 from gen3d.cameras import Cameras, OrbitConfig, sample_orbit
-from gen3d.errors import Gen3dError
 from gen3d.guidance import GuidanceConfig, build_guidance
 from gen3d.losses import binary_entropy
 from gen3d.ops.rasterize import BACKENDS
@@ -167,18 +166,13 @@ class DreamGaussian(System):
         self.optimizer.load_state_dict(state["optimizer"])
         self.strategy.load_state_dict(state["strategy"])
 
-    def export(self, fmt: str, path: Path) -> Path:
-        from gen3d.export.mesh import extract_mesh
+    def export_splats(self, path: Path) -> Path:
         from gen3d.export.ply import save_gaussian_ply
 
-        if fmt == "ply":
-            save_gaussian_ply(path, self.model)
-            return path
-        if fmt in ("glb", "obj", "mesh-ply"):
-            with torch.no_grad():
-                mesh = extract_mesh(self.model)
-            return self.save_surface(mesh, path)
-        raise Gen3dError(f"unknown export format '{fmt}'")
+        return save_gaussian_ply(path, self.model)
+
+    def representation(self):
+        return self.model
 
     def surface_color(self, points: torch.Tensor) -> torch.Tensor:
         return self.model.color_at(points)

@@ -55,6 +55,7 @@ from torch import Tensor
 
 from gen3d.errors import Gen3dError
 from gen3d.export.mesh import isosurface_mesh, vertex_colored
+from gen3d.export.surface import silhouette_level
 from gen3d.representations.fields import Field
 
 __all__ = ["auto_threshold", "density_grid_of", "extract_field_mesh"]
@@ -121,26 +122,15 @@ def auto_threshold(grid: Tensor, spacing: float) -> tuple[float, float]:
         raise ValueError(f"auto_threshold: spacing must be > 0, got {spacing!r}")
     sigma = grid.detach()  # [R, R, R], reduced where it lives; only the [3, R, R] results move to the CPU
     depth = torch.stack([sigma.sum(a, dtype=torch.float64) for a in range(3)]).cpu() * spacing  # [3, R, R] optical depth
-    target = (depth > math.log(2.0)).flatten()  # [3 R^2] rendered alpha > 0.5
-    peak = torch.stack([sigma.amax(a) for a in range(3)]).cpu().double().flatten()  # [3 R^2] column maxima
+    target = depth > math.log(2.0)  # [3, R, R] rendered alpha > 0.5
     if not target.any():
         alpha = 1.0 - math.exp(-float(depth.max()))
         raise Gen3dError(
             f"mesh extraction found no surface: no ray through the field's box reaches 50% opacity (the most opaque "
-            f"reaches {alpha:.1%}, peak density {float(peak.max()):.3g}); the field is empty or too transparent. "
+            f"reaches {alpha:.1%}, peak density {float(sigma.max()):.3g}); the field is empty or too transparent. "
             "Train longer or with more opacity (e.g. lambda_opaque), or pass a fixed mesh threshold below the peak density"
         )
-    values, order = peak.sort(descending=True)  # [3 R^2]
-    levels, counts = values.unique_consecutive(return_counts=True)  # [G] distinct maxima, descending
-    group = torch.repeat_interleave(torch.arange(len(levels)), counts)  # [3 R^2] group of each sorted column
-    hits = torch.zeros(len(levels), dtype=torch.float64).index_add(0, group, target[order].double())  # [G]
-    inter = hits.cumsum(0)  # [G] |solid & target| once groups 0..g are inside (tau just below levels[g])
-    union = target.sum() + (counts - hits).cumsum(0)  # [G]
-    iou = inter / union
-    best = int(iou.argmax())
-    upper = float(levels[best])  # lowest column maximum kept inside
-    lower = float(levels[best + 1]) if best + 1 < len(levels) else 0.0  # highest one left out
-    return 0.5 * (upper + lower), float(iou[best])
+    return silhouette_level(sigma, target)
 
 
 @torch.no_grad()

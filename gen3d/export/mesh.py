@@ -5,11 +5,10 @@ opacity-weighted density d(x) = sum_i o_i exp(-1/2 (x - mu_i)^T Sigma_i^-1 (x - 
 128^3 grid and runs marching cubes at the level `density_thresh = 1`, after rescaling the
 Gaussians to fill [-0.9, 0.9]^3 (which leaves d unchanged: it is not normalized by det Sigma).
 
-**Threshold.** DreamGaussian's 1 is the density of a point covered by about one fully opaque
-Gaussian center; it suits their densely overlapping, well-trained scenes. gen3d's default is 0.5:
-the level at which a single opaque Gaussian reaches half its peak (1.18 sigma from its center),
-which also gives a surface for sparse scenes with few or semi-transparent Gaussians, as short CPU
-runs produce. Raise it for a tighter surface on dense scenes.
+**Threshold.** DreamGaussian's fixed 1 is the density of a point covered by about one fully opaque
+Gaussian center; it suits densely overlapping, well-trained scenes and leaves holes in sparse ones.
+gen3d's default is automatic: the level whose solid has the Gaussians' own rendered silhouettes
+(`gen3d.export.surface`, shared with neural fields). A fixed level can still be passed.
 
 Unlike DreamGaussian the grid spans the fixed box [-bound, bound]^3 of gen3d's object convention
 (objects in the unit ball), so meshes stay in world coordinates. The grid is padded with empty
@@ -69,31 +68,52 @@ def extract_mesh(
     model: GaussianModel,
     resolution: int = 128,
     bound: float = 1.0,
-    threshold: float = 0.5,
+    threshold: float | str = "auto",
     min_component_ratio: float = 0.05,
 ):
     """A vertex-colored `trimesh.Trimesh` of the surface where the Gaussians' density equals `threshold`.
 
     resolution: grid nodes per axis over [-bound, bound]^3 (DreamGaussian: 128).
-    threshold: iso-level of the density (DreamGaussian: 1; see the module docstring for 0.5).
+    threshold: "auto" (the level whose solid has the Gaussians' rendered silhouettes,
+        `gen3d.export.surface.silhouette_level`) or a density level > 0 (DreamGaussian: 1).
     min_component_ratio: connected pieces with fewer faces than this fraction of the largest are dropped.
-    Faces are oriented outwards. Raises `Gen3dError` when the density never reaches `threshold`.
+    Faces are oriented outwards. The level used is in ``mesh.metadata["threshold"]`` (and the
+    silhouette IoU in ``["threshold_iou"]`` when automatic). Raises `Gen3dError` when there is no
+    surface: the Gaussians render nowhere 50% opaque, or the density never reaches a fixed threshold.
     """
+    from gen3d.export.surface import gaussian_silhouettes, silhouette_level
+
     if resolution < 2:
         raise ValueError(f"extract_mesh: resolution must be >= 2, got {resolution}")
-    if not (bound > 0 and threshold > 0):
-        raise ValueError(f"extract_mesh: bound and threshold must be > 0, got {bound} and {threshold}")
-    grid = density_grid(model, resolution, bound).cpu().numpy()
-    peak = float(grid.max()) if grid.size else 0.0
-    if not peak >= threshold:
+    auto = isinstance(threshold, str)
+    if auto and threshold != "auto" or not auto and not (threshold > 0):
+        raise ValueError(f"extract_mesh: threshold must be 'auto' or a number > 0, got {threshold!r}")
+    if not bound > 0:
+        raise ValueError(f"extract_mesh: bound must be > 0, got {bound}")
+    grid = density_grid(model, resolution, bound)
+    peak = float(grid.max()) if grid.numel() else 0.0
+    metadata = {}
+    if auto:
+        opacity = gaussian_silhouettes(model, resolution, bound)
+        if not bool((opacity > 0.5).any()):
+            raise Gen3dError(
+                f"mesh extraction found no surface: the Gaussians render nowhere more than 50% opaque inside "
+                f"[-{bound}, {bound}]^3 (the most opaque ray reaches {float(opacity.max()):.1%}); the scene is empty or "
+                "too transparent. Train longer, or pass a fixed mesh threshold below the peak density "
+                f"{peak:.3g}, or enlarge the bound"
+            )
+        threshold, metadata["threshold_iou"] = silhouette_level(grid, opacity > 0.5)
+    elif not peak >= threshold:
         raise Gen3dError(
             f"mesh extraction found no surface: the Gaussians' density peaks at {peak:.3g} inside [-{bound}, {bound}]^3, "
             f"below the threshold {threshold}; the scene is empty or too transparent. Lower the mesh threshold, "
-            "enlarge the bound, or train longer"
+            "use threshold='auto', enlarge the bound, or train longer"
         )
-    mesh = isosurface_mesh(grid, bound, threshold, min_component_ratio)
+    mesh = isosurface_mesh(grid.cpu().numpy(), bound, threshold, min_component_ratio)
     colors = model.color_at(torch.as_tensor(mesh.vertices, dtype=torch.float32, device=model.means.device))
-    return vertex_colored(mesh, colors)
+    mesh = vertex_colored(mesh, colors)
+    mesh.metadata.update(threshold=float(threshold), **metadata)
+    return mesh
 
 
 def isosurface_mesh(grid, bound: float, level: float, min_component_ratio: float = 0.05):
@@ -122,24 +142,6 @@ def isosurface_mesh(grid, bound: float, level: float, min_component_ratio: float
         largest = max(len(p.faces) for p in parts)
         mesh = trimesh.util.concatenate([p for p in parts if len(p.faces) >= min_component_ratio * largest])
     return mesh
-
-
-def decimate(mesh, face_count: int):
-    """`mesh` simplified to at most `face_count` faces by quadric error decimation (Garland and Heckbert 1997,
-    through trimesh and fast-simplification); the mesh itself when it already has no more. Vertex colors are not
-    carried over: color the result again from the representation."""
-    if face_count < 4:
-        raise ValueError(f"decimate: face_count must be >= 4, got {face_count}")
-    if len(mesh.faces) <= face_count:
-        return mesh
-    try:
-        import fast_simplification  # noqa: F401  (trimesh's backend for simplify_quadric_decimation)
-    except ImportError:
-        raise Gen3dError("mesh decimation needs fast-simplification: pip install fast-simplification") from None
-    import trimesh
-
-    simple = mesh.simplify_quadric_decimation(face_count=face_count)
-    return trimesh.Trimesh(simple.vertices, simple.faces, process=False)
 
 
 def vertex_colored(mesh, colors):

@@ -107,7 +107,7 @@ def test_textured_obj_writes_mtl_and_png(tmp_path):
 
 
 def test_decimation_keeps_the_shape():
-    from gen3d.export.mesh import decimate
+    from gen3d.export.cleanup import decimate
 
     sphere = trimesh.creation.icosphere(subdivisions=5, radius=0.5)  # 20,480 faces
     small = decimate(sphere, 2000)
@@ -126,7 +126,7 @@ def test_run_exports_decimated_recolored_meshes(tiny_pixel_prior, tmp_path):
     from tests.systems.conftest import fast_overrides
 
     out = tmp_path / "outputs"
-    o = fast_overrides(tiny_pixel_prior, out, steps=2) + ["mesh_faces=300", "exports=[mesh-ply,glb]", "turntable_frames=0"]
+    o = fast_overrides(tiny_pixel_prior, out, steps=2) + ["mesh_faces=300", "exports=[ply,glb]", "turntable_frames=0"]
     assert main(["run", "dreamgaussian", "prompt=a red mug", *o]) == 0
     run = resolve_run("@last", out)
     ply = trimesh.load(run / "export" / "mesh.ply", force="mesh")

@@ -104,7 +104,7 @@ def test_field_to_gaussians_exports_and_resumes(source_run, gaussian_run):
     assert cfg.cameras.eval_distance == 2.25 and cfg.prompt == "a red mug"  # the source's cameras and prompt
     check_report(run, source_run, "gaussians", report)
     assert latest_checkpoint(run).model["means"].shape == (300, 3)
-    assert main(["export", str(run), "--format", "ply"]) == 0
+    assert main(["export", str(run), "--format", "splat-ply"]) == 0
     assert (run / "export" / "model.ply").is_file()
     resume_one_step(run, "sh0")
 

@@ -89,5 +89,5 @@ def test_ply_export_of_a_field_says_to_convert(tiny_pixel_prior, tmp_path, capsy
     out = tmp_path / "outputs"
     o = fast_overrides(tiny_pixel_prior, out, steps=2, system="dreamfusion")
     assert run_cli("run", "dreamfusion", "prompt=a red mug", *o, "exports=[]", "turntable_frames=0") == 0
-    assert run_cli("export", str(resolve_run("@last", out)), "--format", "ply") == 2
+    assert run_cli("export", str(resolve_run("@last", out)), "--format", "splat-ply") == 2
     assert "gen3d convert" in capsys.readouterr().err

@@ -46,7 +46,7 @@ def test_run_resume_export_end_to_end(tiny_pixel_prior, tmp_path, capsys):
 
     # export again, to a chosen file
     target = tmp_path / "again.ply"
-    assert run_cli("export", str(run), "--format", "ply", "--output", str(target)) == 0
+    assert run_cli("export", str(run), "--format", "splat-ply", "--output", str(target)) == 0
     assert PlyData.read(str(target))["vertex"].count == latest_checkpoint(run).model["means"].shape[0]
 
 
@@ -87,7 +87,7 @@ def test_ctrl_c_saves_and_resume_finishes(tiny_pixel_prior, tmp_path):
 def test_latent_prior_runs(tiny_latent_prior, tmp_path):
     out = tmp_path / "outputs"
     assert run_cli("run", "dreamgaussian", "prompt=a blue cube", *fast_overrides(tiny_latent_prior, out, steps=2),
-                   "turntable_frames=0", "exports=[ply]") == 0
+                   "turntable_frames=0", "exports=[splat-ply]") == 0
 
 
 @pytest.mark.parametrize("override, message", [

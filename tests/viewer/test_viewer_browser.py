@@ -96,7 +96,7 @@ def open_page(browser, url):
 
 
 def test_live_gaussians_pause_export_and_two_clients(browser, tiny_pixel_prior, tmp_path):
-    with LiveRun(tiny_pixel_prior, tmp_path, extra=["exports=[ply]"]) as live:
+    with LiveRun(tiny_pixel_prior, tmp_path, extra=["exports=[splat-ply]"]) as live:
         system, viewer = live.system, live.system.viewer
         assert viewer.url.startswith("http://localhost:")
         page = open_page(browser, viewer.url)

@@ -17,7 +17,7 @@ import logging
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from gen3d.cameras import Cameras, OrbitConfig, orbit_cameras
 from gen3d.config import to_dict
 from gen3d.errors import CheckpointError, Gen3dError
+from gen3d.export.refine import TextureRefineConfig
 from gen3d.io import write_text_atomic
 from gen3d.rendering.types import RenderOutput
 from gen3d.runs import latest_checkpoint, save_checkpoint
@@ -157,6 +158,8 @@ class TextTo3DConfig(RunConfig):
     texture_size: int = 1024
     """Side in texels of the albedo texture baked into glb and obj exports on an xatlas UV atlas (0: per-vertex
     colors instead)."""
+    texture_refine: TextureRefineConfig = field(default_factory=TextureRefineConfig)
+    """Refinement of the baked texture through the differentiable mesh renderer (DreamGaussian's second stage)."""
     use_perp_neg: bool = False
     """Perp-Neg (Armandpour et al. 2023) against multi-face objects: interpolated view prompts, the other views
     as perpendicular negatives (needs view_dependent; scale the negatives with guidance.perp_neg_scale)."""
@@ -336,16 +339,58 @@ class System:
         mesh = clean_mesh(mesh, faces=cfg.mesh_faces, remesh=cfg.mesh_remesh, backend=cfg.mesh_backend)
         self.log.info(f"mesh: cleaned up with {mesh.metadata['mesh_backend']}: {before:,} -> {len(mesh.faces):,} faces "
                       f"(mesh_faces={cfg.mesh_faces}" + (f", remeshed to edges of {cfg.mesh_remesh}" if cfg.mesh_remesh else "") + ")")
+        if mesh.metadata["opened"]:
+            self.log.warning(f"mesh: {mesh.metadata['mesh_backend']}'s decimation opened holes in the closed surface; "
+                             "mesh_backend=pymeshlab (pip install 'gen3d[meshlab]') or a larger mesh_faces keeps it closed")
         with torch.no_grad():
             if cfg.texture_size and Path(path).suffix.lower() in (".glb", ".obj"):
                 from gen3d.export.texture import bake, textured_mesh
 
-                mesh = textured_mesh(*bake(mesh.vertices, mesh.faces, self.surface_color, size=cfg.texture_size,
-                                           device=self.device))
+                parts = bake(mesh.vertices, mesh.faces, self.surface_color, size=cfg.texture_size, device=self.device)
+                if cfg.texture_refine.steps:
+                    parts = parts[:3] + (self.refine_texture(*parts),)
+                mesh = textured_mesh(*parts)
             else:
                 points = torch.as_tensor(mesh.vertices, dtype=torch.float32, device=self.device)
                 mesh = vertex_colored(mesh, self.surface_color(points))
         return save_mesh(path, mesh)
+
+    def albedo_render(self, cameras: Cameras) -> RenderOutput:
+        """The result's unlit albedo over white from `cameras` (the texture refinement's ``render`` target)."""
+        return self.render(cameras)
+
+    def refine_texture(self, vertices, faces, uv, texture):
+        """The baked `texture` refined by `cfg.texture_refine` (`gen3d.export.refine`) -> uint8 [S, S, 3]."""
+        from gen3d.cameras import sample_orbit
+        from gen3d.export.refine import refine_texture, render_loss
+
+        cfg, rc = self.cfg, self.cfg.texture_refine
+        generator = torch.Generator().manual_seed(cfg.seed)  # its own draws: an export never moves the run's
+        orbit = replace(cfg.cameras, batch_size=rc.batch_size)
+
+        def cameras(step: int) -> Cameras:
+            return sample_orbit(orbit, generator, width=rc.resolution, height=rc.resolution)
+
+        if rc.mode == "render":
+            loss_fn = render_loss(self.albedo_render)
+        else:  # plain SDS with the run's prior and guidance settings, at the end of their schedules
+            from gen3d.guidance import build_guidance
+
+            if getattr(self, "prior", None) is None:  # `gen3d export` builds no training state
+                self.prior, self.prompts = load_text_prior(cfg, self.device)
+            guidance = build_guidance(self.prior, replace(cfg.guidance, type="sds"), seed=cfg.seed)
+
+            def loss_fn(out: RenderOutput, cams: Cameras) -> torch.Tensor:
+                return guidance(out.rgb, self.prompts(cams), cfg.max_steps, cfg.max_steps, generator=generator,
+                                cameras=cams).loss
+
+        t0 = time.perf_counter()
+        with torch.enable_grad():
+            texture, losses = refine_texture(vertices, faces, uv, texture, loss_fn, cameras, rc, self.device,
+                                             progress=cfg.progress)
+        self.log.info(f"texture refined ({rc.mode}, {rc.steps} steps, {time.perf_counter() - t0:.1f} s): loss "
+                      f"{losses[0]:.4g} -> {losses[-1]:.4g}")
+        return texture
 
     def snapshot(self):
         """A frozen copy of the result for the viewer (`gen3d.viewer.protocol.Snapshot`), taken between steps."""

@@ -181,6 +181,10 @@ class DreamFusion(System):
     def representation(self):
         return self.field
 
+    def albedo_render(self, cameras: Cameras) -> RenderOutput:
+        white = torch.ones(3, device=self.device)
+        return self.renderer(self.field, cameras.to(self.device), train=False, background=white, shading="albedo")
+
     def surface_color(self, points: torch.Tensor) -> torch.Tensor:
         """The field's albedo at points [P, 3] (its features; the material's shading is not baked)."""
         return self.field(points).features[:, :3]

@@ -150,3 +150,15 @@ def test_bench_fields_quick(capsys):
 def test_bench_hash_encoding_quick(capsys):
     report = load("bench_hash_encoding").main(["--quick", "--threads", "1"])
     assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(report))
+
+
+def test_bench_export_quick(capsys):
+    report = load("bench_export").main(["--quick", "--threads", "1"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["summary"] == report["summary"]
+    levels = report["summary"]["gaussians"]["levels"]
+    assert set(levels) == {"auto", "dreamgaussian (1)", "fixed 0.5"}
+    row = report["rows"][0]
+    assert row["levels"]["auto"]["faces"] > 0 and 0 < row["levels"]["auto"]["silhouette_iou_own"] <= 1
+    assert set(row["color_de_own"]) == {"vertex_colors", "baked_texture", "refined_texture"}
+    assert set(report["cleanup_backends"]["mug:red"]) >= {"faces", "trimesh"}

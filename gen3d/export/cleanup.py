@@ -91,6 +91,7 @@ def clean_mesh(mesh, faces: int = 0, remesh: float = 0.0, backend: str = "auto",
     out = trimesh.Trimesh(vertices, triangles, process=False)
     trimesh.repair.fix_normals(out, multibody=True)
     out.metadata["mesh_backend"] = backend
+    out.metadata["opened"] = bool(mesh.is_watertight and not out.is_watertight)  # closed before, not after
     return out
 
 

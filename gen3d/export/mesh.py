@@ -178,10 +178,12 @@ def save_mesh(path: str | os.PathLike, mesh, y_up: bool | None = None) -> Path:
 
 
 def _save_textured_obj(path: Path, mesh) -> Path:
-    """OBJ + MTL + PNG side by side (`<stem>.mtl`, the texture named by the MTL), each written atomically,
+    """OBJ + MTL + PNG side by side (`<stem>.obj`, `<stem>.mtl`, `<stem>.png`), each written atomically,
     the OBJ last so that a reader never finds an OBJ whose material is missing."""
     from trimesh.exchange.obj import export_obj
 
+    mesh = mesh.copy()
+    mesh.visual.material.name = path.stem  # the texture is <stem>.png: OBJs side by side keep their own
     text, files = export_obj(mesh, include_texture=True, return_texture=True, mtl_name=f"{path.stem}.mtl")
     for name, data in files.items():
         with atomic_path(path.parent / name) as tmp:

@@ -12,7 +12,8 @@ generation's own error, and with the result's own renders, which isolates the ex
   silhouette IoU of the mesh's renders against the ground truth's and against the result's own.
 - **texture**: mean CIEDE2000 of renders against the ground truth's and against the result's own
   albedo renders, over 16 views, for the mesh with vertex colors, the baked texture, and the texture
-  refined against the result's renders (``texture_refine.mode=render``).
+  refined against the result's renders (``texture_refine.mode=render``), and the texture refined by SDS
+  with the run's prior (``texture_refine.mode=sds``).
 - **time** of each export step: surface extraction, clean-up (decimation to `--faces`), UV unwrap and
   bake, refinement, writing the GLB.
 - **clean-up backends** (`gen3d.export.cleanup`): each installed library decimates ground-truth
@@ -140,16 +141,20 @@ def measure_run(prompt: str, kind: str, args, out_dir: Path) -> dict:
         refine_texture, *parts, render_loss(system.albedo_render),
         lambda step: sample_orbit(orbit, gen, width=refine_cfg.resolution, height=refine_cfg.resolution),
         refine_cfg, device=system.device, progress=False)
+    system.cfg.texture_refine = replace(refine_cfg, mode="sds")  # SDS with the run's prior (not an export step: timed apart)
+    sds_refined, sds_seconds = _timed(system.refine_texture, *parts)
     with tempfile.TemporaryDirectory() as tmp:
         _, steps["write_glb"] = _timed(save_mesh, Path(tmp) / "mesh.glb", textured_mesh(*parts[:3], refined))
     row["color_de_gt"], row["color_de_own"] = {}, {}
     for label, m in (("vertex_colors", colored), ("baked_texture", textured_mesh(*parts)),
-                     ("refined_texture", textured_mesh(*parts[:3], refined))):
+                     ("refined_texture", textured_mesh(*parts[:3], refined)),
+                     ("sds_refined_texture", textured_mesh(*parts[:3], sds_refined))):
         row["color_de_gt"][label] = round(color_error(MeshQuery(m), obj, cams), 3)
         row["color_de_own"][label] = round(_agreement(MeshQuery(m), own, cams)[1], 3)
     row["color_de_gt"]["result itself"] = round(color_error(own, obj, cams), 3)
     row["refine_loss"] = [round(losses[0], 5), round(losses[-1], 5)] if losses else None
     row["export_seconds"] = {k: round(v, 2) for k, v in steps.items()} | {"total": round(sum(steps.values()), 2)}
+    row["sds_refine_seconds"] = round(sds_seconds, 2)
     return row
 
 
@@ -202,6 +207,7 @@ def summarize(rows: list[dict], backends: dict) -> dict:
             "color_de_gt": {k: mean([r["color_de_gt"][k] for r in mine]) for k in mine[0]["color_de_gt"]},
             "color_de_own": {k: mean([r["color_de_own"][k] for r in mine]) for k in mine[0]["color_de_own"]},
             "export_seconds": {k: mean([r["export_seconds"][k] for r in mine]) for k in mine[0]["export_seconds"]},
+            "sds_refine_seconds": mean([r["sds_refine_seconds"] for r in mine]),
         }
     names = list(backends)
     out["cleanup_backends"] = {

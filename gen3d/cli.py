@@ -123,14 +123,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     from gen3d.systems.base import default_export_name, export_format
 
     run_dir = resolve_run(args.run, args.output_dir)
-    if args.output and args.format and len(args.format) > 1:
+    # `--format glb obj mesh_faces=2000`: --format takes every word after it; key=value words are overrides
+    overrides = args.overrides + [f for f in args.format or [] if "=" in f]
+    args.format = [f for f in args.format or [] if "=" not in f]
+    try:
+        args.format = [export_format(f) for f in args.format]
+    except ValueError as e:
+        raise Gen3dError(str(e)) from None
+    if args.output and len(args.format) > 1:
         raise Gen3dError(f"--output names one file but --format asks for {len(args.format)}; drop --output (files go "
                          "to <run>/export/) or export one format at a time")
-    system_cls, cfg = load_run_config(str(run_dir), args.overrides)
+    system_cls, cfg = load_run_config(str(run_dir), overrides)
     cfg.progress = False
     system = system_cls(cfg, run_dir)
     system.resume(model_only=True)
-    for fmt in [export_format(f) for f in args.format or cfg.exports]:
+    formats = args.format or cfg.exports
+    if not formats:
+        raise Gen3dError(f"the run {run_dir} lists no exports; pass the formats, e.g. --format glb splat-ply")
+    for fmt in [export_format(f) for f in formats]:
         out = Path(args.output) if args.output and len(args.format) == 1 else run_dir / "export" / default_export_name(fmt)
         path = system.write_turntable(out) if fmt == "video" else system.export(fmt, out)
         print(path)
@@ -259,7 +269,6 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     """The argument parser; `verb` (the command line's first word) lets verbs whose help needs heavy imports
     build it only when they are asked for (`gen3d --help` stays fast)."""
     from gen3d import __version__
-    from gen3d.systems.base import EXPORT_FORMATS, FORMAT_ALIASES
 
     parser = argparse.ArgumentParser(
         prog="gen3d", description="Text or one image to 3D: score distillation, exports, viewer.", epilog=EPILOG)
@@ -295,7 +304,7 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     export.add_argument("run", help="run folder or @last")
     export.add_argument("overrides", nargs="*", metavar="key=value",
                         help="export settings, e.g. mesh_faces=20000 texture_size=512 mesh_threshold=auto")
-    export.add_argument("--format", nargs="+", choices=EXPORT_FORMATS + tuple(FORMAT_ALIASES), metavar="FORMAT",
+    export.add_argument("--format", nargs="+", metavar="FORMAT",
                         help="glb / obj: textured mesh; ply: vertex-colored mesh; splat-ply: standard 3DGS PLY; "
                              "video: turntable (default: the run's exports)")
     export.add_argument("--output", help="output file (default: <run>/export/<name>)")

@@ -160,5 +160,5 @@ def test_bench_export_quick(capsys):
     assert set(levels) == {"auto", "dreamgaussian (1)", "fixed 0.5"}
     row = report["rows"][0]
     assert row["levels"]["auto"]["faces"] > 0 and 0 < row["levels"]["auto"]["silhouette_iou_own"] <= 1
-    assert set(row["color_de_own"]) == {"vertex_colors", "baked_texture", "refined_texture"}
+    assert set(row["color_de_own"]) == {"vertex_colors", "baked_texture", "refined_texture", "sds_refined_texture"}
     assert set(report["cleanup_backends"]["mug:red"]) >= {"faces", "trimesh"}

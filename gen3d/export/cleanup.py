@@ -25,7 +25,7 @@ import importlib.util
 
 import numpy as np
 
-from gen3d.errors import Gen3dError
+from gen3d.errors import Gen3dError, MissingExtra
 
 __all__ = ["MESH_BACKENDS", "available_mesh_backends", "clean_mesh", "decimate"]
 
@@ -59,10 +59,10 @@ def _resolve(backend: str, remesh: float) -> str:
         else:
             return "pymeshlab" if "pymeshlab" in have else "trimesh"
     if backend not in have:
-        raise Gen3dError(f"mesh clean-up with {backend} needs it installed: {_EXTRA[backend]}; "
+        raise MissingExtra(f"mesh clean-up with {backend} needs it installed: {_EXTRA[backend]}; "
                          "or use mesh_backend=trimesh (always available; it does everything but remeshing)")
     if remesh and backend != "pymeshlab":
-        raise Gen3dError(f"isotropic remeshing (mesh_remesh={remesh}) needs pymeshlab: {_EXTRA['pymeshlab']}; "
+        raise MissingExtra(f"isotropic remeshing (mesh_remesh={remesh}) needs pymeshlab: {_EXTRA['pymeshlab']}; "
                          "or set mesh_remesh=0")
     return backend
 

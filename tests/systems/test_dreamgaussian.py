@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import trimesh
 from plyfile import PlyData
 
 from gen3d.cli import main
@@ -48,6 +49,24 @@ def test_run_resume_export_end_to_end(tiny_pixel_prior, tmp_path, capsys):
     target = tmp_path / "again.ply"
     assert run_cli("export", str(run), "--format", "splat-ply", "--output", str(target)) == 0
     assert PlyData.read(str(target))["vertex"].count == latest_checkpoint(run).model["means"].shape[0]
+
+    # no --format: the run's own exports, written again; mesh-ply is the old name of the mesh ply
+    (run / "export" / "mesh.glb").unlink()
+    assert run_cli("export", str(run)) == 0
+    assert (run / "export" / "mesh.glb").is_file()
+    assert run_cli("export", str(run), "--format", "mesh-ply") == 0
+    assert trimesh.load(run / "export" / "mesh.ply", force="mesh").visual.kind == "vertex"
+    capsys.readouterr()
+    assert run_cli("export", str(run), "--format", "glb", "obj", "--output", str(tmp_path / "x.glb")) == 2
+    assert "--output names one file" in capsys.readouterr().err
+    assert run_cli("export", str(run), "exports=[]") == 2
+    assert "lists no exports" in capsys.readouterr().err
+    assert run_cli("export", str(run), "--format", "glb", "mesh_faces=2") == 2
+    assert "mesh_faces" in capsys.readouterr().err
+    assert run_cli("export", str(run), "--format", "gltf") == 2
+    assert "unknown export format 'gltf'" in capsys.readouterr().err
+    assert run_cli("export", str(run), "--format", "ply", "mesh_faces=300") == 0  # overrides after --format
+    assert len(trimesh.load(run / "export" / "mesh.ply", force="mesh").faces) <= 300
 
 
 def test_interrupted_and_resumed_run_matches_uninterrupted(tiny_pixel_prior, tmp_path):

@@ -1,0 +1,149 @@
+"""The input image of image-to-3D: read anything PIL reads, find the object, center it, scale it.
+
+`load_reference(path)` returns the object on white at a fixed size and fill ratio, with its mask,
+the way Zero-1-to-3's and DreamGaussian's preprocessing prepares an input view:
+
+1. **Read.** Every mode PIL opens becomes 8-bit RGB(A): palette and grayscale images are converted,
+   16-bit and 32-bit grayscale are rescaled by their range (not clipped), CMYK is converted, an
+   animated image contributes its first frame.
+2. **Foreground.** From the alpha channel when it has one that is not fully opaque (alpha > 50%);
+   otherwise from the background color: the median of the one-pixel border, which must be one plain
+   color (its pixels within `tolerance` of the median for 95% of the border), and every pixel
+   farther than `tolerance` from it (max over channels) is foreground. Specks smaller than 1% of the
+   largest piece are dropped (holes are kept: a mug's handle shows the background through it).
+3. **Recenter and rescale.** The foreground's bounding box is centered in a `size` x `size` square
+   and scaled so that its longer side spans `fill_ratio` of it (Zero123's and DreamGaussian's inputs:
+   0.8-0.85); the rest is white, and the mask is resampled the same way.
+
+Every failure is a `Gen3dError` that says what was wrong and what to do: a missing or unreadable
+file, an image smaller than 16 px, no foreground, a background that is not plain.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gen3d.errors import Gen3dError
+
+__all__ = ["ReferenceImage", "load_reference", "prepare_reference"]
+
+MIN_SIDE = 16
+
+
+@dataclass
+class ReferenceImage:
+    """An input view ready for image-to-3D."""
+
+    rgb: Tensor  # [S, S, 3] in [0, 1], the object over white
+    mask: Tensor  # [S, S] in [0, 1], the object's coverage
+    source: str  # where it came from
+    source_size: tuple[int, int]  # (width, height) of the file
+    mask_from: str  # "alpha" or "background"
+    fill_ratio: float
+
+
+def _read(path: Path) -> np.ndarray:
+    """The image at `path` as float32 [H, W, 3 or 4] in [0, 1] (see the module docstring, step 1)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise Gen3dError(f"image '{path}' does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        image = Image.open(path)
+        image.seek(0)  # the first frame of an animation
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise Gen3dError(f"cannot read '{path}' as an image ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                         "pass a PNG, JPEG or WebP file") from None
+    if image.width < MIN_SIDE or image.height < MIN_SIDE:
+        raise Gen3dError(f"image '{path}' is {image.width}x{image.height} pixels; image-to-3D needs at least "
+                         f"{MIN_SIDE}x{MIN_SIDE} (256x256 or more is best)")
+    mode = image.mode
+    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # high bit depth gray: rescale, do not clip
+        gray = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if gray.max() > 255 else 255.0
+        if mode == "F":
+            top = max(float(gray.max()), 1.0) if gray.max() > 1 else 1.0
+        gray = np.clip(gray / top, 0.0, 1.0).astype(np.float32)
+        return np.repeat(gray[..., None], 3, axis=-1)
+    has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in image.info)
+    image = image.convert("RGBA" if has_alpha else "RGB")
+    return np.asarray(image, dtype=np.float32) / 255.0
+
+
+def _components(mask: np.ndarray, min_ratio: float = 0.01) -> np.ndarray:
+    """`mask` without connected pieces smaller than `min_ratio` of the largest."""
+    from scipy.ndimage import label
+
+    labels, n = label(mask)
+    if n <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())[1:]
+    keep = np.flatnonzero(sizes >= min_ratio * sizes.max()) + 1
+    return np.isin(labels, keep)
+
+
+def prepare_reference(image: np.ndarray, size: int = 256, fill_ratio: float = 0.85, tolerance: float = 0.1,
+                      source: str = "<array>") -> ReferenceImage:
+    """Foreground, recentering and rescaling of an image float [H, W, 3 or 4] in [0, 1] (steps 2 and 3)."""
+    if not 0.1 <= fill_ratio <= 1.0:
+        raise ValueError(f"fill_ratio must be in [0.1, 1], got {fill_ratio}")
+    if not MIN_SIDE <= size <= 4096:
+        raise ValueError(f"size must be in {MIN_SIDE}..4096 pixels, got {size}")
+    H, W = image.shape[:2]
+    rgb = image[..., :3]
+    alpha = image[..., 3] if image.shape[-1] == 4 else None
+    if alpha is not None and alpha.min() < 0.5:
+        mask_from, soft = "alpha", alpha
+        mask = alpha > 0.5
+    else:
+        border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])  # [2 (H + W), 3]
+        background = np.median(border, axis=0)
+        plain = (np.abs(border - background).max(1) <= tolerance).mean()
+        if plain < 0.95:
+            raise Gen3dError(
+                f"'{source}' has no transparency and its border is not one plain color (only {plain:.0%} of the border "
+                f"is within {tolerance} of its median color); cut the object out (a PNG with alpha) or photograph it "
+                "on a plain background")
+        mask_from = "background"
+        mask = np.abs(rgb - background).max(-1) > tolerance
+        soft = None
+    mask = _components(mask)
+    count = int(mask.sum())
+    if count < max(16, 1e-3 * H * W):
+        raise Gen3dError(f"no foreground found in '{source}': {count} of its {H * W} pixels differ from the "
+                         + ("transparent background" if mask_from == "alpha" else "background color")
+                         + "; is the object missing, or the same color as the background?")
+    if soft is None:
+        soft = mask.astype(np.float32)
+    else:
+        soft = soft * mask  # specks dropped from the alpha too
+
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    scale = fill_ratio * size / max(bottom - top, right - left)
+    crop = np.concatenate([rgb[top:bottom, left:right] * soft[top:bottom, left:right, None],
+                           soft[top:bottom, left:right, None]], -1)  # premultiplied RGBA
+    h, w = max(1, round((bottom - top) * scale)), max(1, round((right - left) * scale))
+    x = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)[None]
+    x = torch.nn.functional.interpolate(x, (h, w), mode="area" if scale < 1 else "bilinear",
+                                        align_corners=None if scale < 1 else False)[0].permute(1, 2, 0).clamp(0, 1)
+    canvas = torch.zeros(size, size, 4)
+    y0, x0 = (size - h) // 2, (size - w) // 2
+    canvas[y0:y0 + h, x0:x0 + w] = x
+    mask_out = canvas[..., 3]
+    rgb_out = canvas[..., :3] + (1.0 - mask_out[..., None])  # premultiplied over white
+    return ReferenceImage(rgb_out.clamp(0, 1), mask_out, source, (W, H), mask_from, fill_ratio)
+
+
+def load_reference(path: str | os.PathLike, size: int = 256, fill_ratio: float = 0.85,
+                   tolerance: float = 0.1) -> ReferenceImage:
+    """The object of the image at `path`, centered on white at `size` x `size`, filling `fill_ratio` of it."""
+    path = Path(path)
+    return prepare_reference(_read(path), size, fill_ratio, tolerance, source=str(path))

@@ -96,7 +96,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     created = run_dir is None
     if created:
-        run_dir = new_run_dir(cfg.output_dir, system_cls.name, getattr(cfg, "prompt", "") or system_cls.name)
+        image = getattr(cfg, "image", "")
+        name = getattr(cfg, "prompt", "") or (Path(image).stem if image else "") or system_cls.name
+        run_dir = new_run_dir(cfg.output_dir, system_cls.name, name)
     write_config(run_dir, cfg)
     try:
         system = system_cls(cfg, run_dir)

@@ -14,6 +14,8 @@ from gen3d.errors import ConfigError
 SYSTEMS: dict[str, str] = {
     "dreamgaussian": "gen3d.systems.dreamgaussian:DreamGaussian",
     "dreamfusion": "gen3d.systems.dreamfusion:DreamFusion",
+    "zero123": "gen3d.systems.image_to_3d:Zero123",
+    "magic123": "gen3d.systems.image_to_3d:Magic123",
 }
 
 

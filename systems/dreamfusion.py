@@ -19,7 +19,7 @@ automatically (`gen3d.export.field_mesh.auto_threshold`) instead of a hand-tuned
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -115,9 +115,9 @@ class DreamFusion(System):
         self.last_cameras = cams
         shading = "albedo" if step <= schedule_value(cfg.albedo_only_until, step, cfg.max_steps) else None
         out = self.renderer(self.field, cams, generator=self.generator, step=step, train=True, shading=shading)
-        g = self.guidance(out.rgb, self.prompts(cams), step, cfg.max_steps, generator=self.generator, cameras=cams)
-        terms = cfg.loss.terms(step, cfg.max_steps, alpha=out.alpha, samples=out.samples)
-        loss = cfg.lambda_sds * g.loss + sum(terms.values())
+        g = self.guide(out.rgb, cams, step)
+        terms = cfg.loss.terms(step, cfg.max_steps, alpha=out.alpha, samples=out.samples) | self.extra_losses(step)
+        loss = g.loss + sum(terms.values())
         self.check_loss(loss, step, "hashgrid.lr_encoding, ...")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -127,6 +127,15 @@ class DreamFusion(System):
         if self.renderer.grid is not None:
             logs["occupied"] = self.renderer.grid.occupied_fraction()
         return logs | g.logs | {name: float(v.detach()) for name, v in terms.items()}
+
+    def guide(self, rgb: torch.Tensor, cams: Cameras, step: int):
+        """The score distillation of a step's renders (`GuidanceOutput`, its loss weighted): the text prior's."""
+        g = self.guidance(rgb, self.prompts(cams), step, self.cfg.max_steps, generator=self.generator, cameras=cams)
+        return replace(g, loss=self.cfg.lambda_sds * g.loss)
+
+    def extra_losses(self, step: int) -> dict[str, torch.Tensor]:
+        """Weighted loss terms besides the guidance and regularizers (image-to-3D's reference view)."""
+        return {}
 
     def render(self, cameras: Cameras) -> RenderOutput:
         white = torch.ones(3, device=self.device)

@@ -13,7 +13,7 @@ issue).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -114,8 +114,9 @@ class DreamGaussian(System):
         out = render_gaussians(self.model, cams, self.background_for(len(cams)), backend=cfg.rasterizer)
         if out.means2d is not None and out.means2d.requires_grad:
             out.means2d.retain_grad()
-        g = self.guidance(out.rgb, self.prompts(cams), step, cfg.max_steps, generator=self.generator, cameras=cams)
-        loss = cfg.lambda_sds * g.loss
+        g = self.guide(out.rgb, cams, step)
+        extra = self.extra_losses(step)
+        loss = g.loss + sum(extra.values())
         if cfg.lambda_opaque:
             loss = loss + cfg.lambda_opaque * binary_entropy(out.alpha)
         self.check_loss(loss, step, "gaussians.*_lr")
@@ -126,7 +127,17 @@ class DreamGaussian(System):
         self.strategy.maybe_densify(self.model, self.optimizer, step, generator=self.generator)
         return {"loss": loss.item(), "grad_norm": g.grad_norm, "t": float(g.t.float().mean()),
                 "n_gaussians": float(self.model.num_gaussians), "size": float(size),
-                **({"nonfinite": float(g.nonfinite)} if g.nonfinite else {}), **g.logs}
+                **({"nonfinite": float(g.nonfinite)} if g.nonfinite else {}), **g.logs,
+                **{name: float(v.detach()) for name, v in extra.items()}}
+
+    def guide(self, rgb: torch.Tensor, cams: Cameras, step: int):
+        """The score distillation of a step's renders (`GuidanceOutput`, its loss weighted): the text prior's."""
+        g = self.guidance(rgb, self.prompts(cams), step, self.cfg.max_steps, generator=self.generator, cameras=cams)
+        return replace(g, loss=self.cfg.lambda_sds * g.loss)
+
+    def extra_losses(self, step: int) -> dict[str, torch.Tensor]:
+        """Weighted loss terms besides the guidance (image-to-3D's reference view); none for text-to-3D."""
+        return {}
 
     def render(self, cameras: Cameras) -> RenderOutput:
         white = torch.ones(len(cameras), 3, device=self.device)

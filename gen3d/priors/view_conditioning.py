@@ -175,6 +175,14 @@ class Condition:
     def __len__(self) -> int:
         return self.image.shape[0]
 
+    def expand(self, batch_size: int) -> "Condition":
+        """A condition of one input view repeated `batch_size` times (views, no copies)."""
+        if len(self) != 1:
+            raise ValueError(f"Condition.expand: needs a condition of 1 view, got {len(self)}")
+        B = batch_size
+        return Condition(self.image.expand(B, -1, -1, -1), self.image_embeds.expand(B, -1),
+                         self.patch_tokens.expand(B, -1, -1), self.pose.expand(B, -1), self.tokens.expand(B, -1, -1))
+
 
 def _projection_class(model: str, index: dict):
     entry = index.get("cc_projection")

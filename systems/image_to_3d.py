@@ -118,6 +118,11 @@ class ImageTo3D:
         return {"ref_rgb": schedule_value(cfg.lambda_rgb, step, cfg.max_steps) * (out.rgb - self.ref_rgb).square().mean(),
                 "ref_mask": schedule_value(cfg.lambda_mask, step, cfg.max_steps) * (out.alpha - self.ref_mask).square().mean()}
 
+    @staticmethod
+    def joint(text: GuidanceOutput, image: GuidanceOutput) -> GuidanceOutput:
+        """Text (2D) and Zero123 (3D) guidance as one output, the losses summed (each already weighted)."""
+        return replace(text, loss=text.loss + image.loss, logs={**text.logs, **image.logs, "sds_2d": float(text.loss.detach())})
+
     def zero123_guidance(self, rgb: torch.Tensor, cams: Cameras, step: int) -> GuidanceOutput:
         g = self.zero123(rgb, cams, step, self.cfg.max_steps, generator=self.generator)
         return replace(g, loss=self.cfg.lambda_zero123 * g.loss, logs={**g.logs, "zero123": float(g.loss.detach())})
@@ -134,6 +139,9 @@ class Zero123Config(DreamGaussianConfig, ImageInput):
     """Registered system name."""
     background: str = "white"
     """Background of the novel views (the view prior's renders are on white)."""
+    lambda_sds: float = 0.0
+    """Weight of a text prior's SDS next to Zero123's (DreamGaussian's lambda_sd; 0: the image alone). When > 0,
+    `prompt` describes the object and `prior` / `guidance` configure the text prior, as in dreamgaussian."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -149,21 +157,31 @@ class Zero123(ImageTo3D, DreamGaussian):
 
     def setup(self) -> None:
         self.check_image()
-        init_gen = torch.Generator().manual_seed(self.cfg.seed)
-        from gen3d.representations.gaussians import GaussianModel
+        if self.cfg.lambda_sds:
+            super().setup()  # checks the prompt
+        else:
+            from gen3d.representations.gaussians import GaussianModel
 
-        self.model = GaussianModel.random_ball(self.cfg.gaussians, generator=init_gen).to(self.device)
+            init_gen = torch.Generator().manual_seed(self.cfg.seed)
+            self.model = GaussianModel.random_ball(self.cfg.gaussians, generator=init_gen).to(self.device)
 
     def setup_training(self) -> None:
         from gen3d.representations.strategy import DensifyStrategy
 
         cfg = self.cfg
+        if cfg.lambda_sds:
+            super().setup_training()  # the text prior and its guidance too
+        else:
+            self.optimizer = self._optimizer()
+            self.strategy = DensifyStrategy(cfg.densify, scene_extent=4.0, max_steps=cfg.max_steps, seed=cfg.seed)
         self.setup_reference()
-        self.optimizer = self._optimizer()
-        self.strategy = DensifyStrategy(cfg.densify, scene_extent=4.0, max_steps=cfg.max_steps, seed=cfg.seed)
 
     def guide(self, rgb: torch.Tensor, cams: Cameras, step: int) -> GuidanceOutput:
-        return self.zero123_guidance(rgb, cams, step)
+        image = self.zero123_guidance(rgb, cams, step)
+        if not self.cfg.lambda_sds:
+            return image
+        text = super().guide(rgb, cams, step)
+        return self.joint(text, image)
 
     def extra_losses(self, step: int) -> dict[str, torch.Tensor]:
         from gen3d.rendering.gaussian import render_gaussians
@@ -172,8 +190,9 @@ class Zero123(ImageTo3D, DreamGaussian):
         return self.reference_losses(render_gaussians(self.model, self.ref_camera, white, backend=self.cfg.rasterizer), step)
 
     def refine_texture(self, vertices, faces, uv, texture):
-        if self.cfg.texture_refine.mode == "sds":
-            raise Gen3dError("texture_refine.mode=sds needs a text prior; image-to-3D runs refine with mode=render")
+        if self.cfg.texture_refine.mode == "sds" and not self.cfg.prompt:
+            raise Gen3dError("texture_refine.mode=sds needs a text prior and a prompt; without them refine with "
+                             "texture_refine.mode=render")
         return super().refine_texture(vertices, faces, uv, texture)
 
 
@@ -217,8 +236,9 @@ class Magic123(ImageTo3D, DreamFusion):
 
     def guide(self, rgb: torch.Tensor, cams: Cameras, step: int) -> GuidanceOutput:
         """λ_2D L_2D + λ_3D L_3D: the text prior's SDS (weighted by lambda_sds) and Zero123's (lambda_zero123)."""
-        text, image = super().guide(rgb, cams, step), self.zero123_guidance(rgb, cams, step)
-        return replace(text, loss=text.loss + image.loss, logs={**text.logs, **image.logs, "sds_2d": float(text.loss.detach())})
+        image = self.zero123_guidance(rgb, cams, step)
+        text = super().guide(rgb, cams, step)
+        return self.joint(text, image)
 
     def extra_losses(self, step: int) -> dict[str, torch.Tensor]:
         out = self.renderer(self.field, self.ref_camera, generator=self.generator, step=step, train=True,

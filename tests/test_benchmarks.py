@@ -162,3 +162,12 @@ def test_bench_export_quick(capsys):
     assert row["levels"]["auto"]["faces"] > 0 and 0 < row["levels"]["auto"]["silhouette_iou_own"] <= 1
     assert set(row["color_de_own"]) == {"vertex_colors", "baked_texture", "refined_texture", "sds_refined_texture"}
     assert set(report["cleanup_backends"]["mug:red"]) >= {"faces", "trimesh"}
+
+
+def test_bench_image_quick(capsys):
+    report = load("bench_image").main(["--quick", "--threads", "1"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["summary"] == report["summary"]
+    assert set(report["summary"]) == {"zero123", "reference-only"}
+    row = report["rows"][0]
+    assert 0 <= row["iou_3d_aligned"] <= 1 and row["novel_psnr"] > 5 and -1 <= row["novel_ssim"] <= 1

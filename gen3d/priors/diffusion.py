@@ -49,11 +49,13 @@ MAX_TEXT_LENGTH = 77  # CLIP's context; DeepFloyd IF's pipeline also tokenizes T
 
 # What a hub snapshot must hold: configs, tokenizer files and safetensors weights of our components,
 # without the fp16 / non-EMA duplicates many repos carry next to them.
+VIEW_COMPONENTS = ("image_encoder", "feature_extractor", "cc_projection", "clip_camera_projection")
+"""What view-conditioned priors (Zero123) add, so that one download fetches them too."""
 _ALLOW = ["model_index.json"] + [
     f"{c}/{pattern}"
-    for c in REQUIRED_COMPONENTS + OPTIONAL_COMPONENTS
+    for c in REQUIRED_COMPONENTS + OPTIONAL_COMPONENTS + VIEW_COMPONENTS
     for pattern in ("*.json", "*.txt", "*.model", "*.safetensors")
-]
+] + ["cc_projection/*.bin", "clip_camera_projection/*.bin"]  # some conversions ship the projection as .bin only
 _IGNORE = ["*fp16*", "*non_ema*", "*.ckpt", "*.msgpack", "*.onnx*"]
 
 

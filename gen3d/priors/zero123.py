@@ -97,6 +97,13 @@ class LatentZero123Prior:
         if unet.config.in_channels != 2 * latent or vae.config.latent_channels != latent:
             raise PriorNotAvailable(f"prior {model_name!r}: a latent Zero123 UNet takes 2 x {latent} channels (noisy latent ‖ "
                                     f"input latent), this one takes {unet.config.in_channels}")
+        cross = unet.config.cross_attention_dim
+        if projection.out_features != cross:
+            raise PriorNotAvailable(f"prior {model_name!r}: the camera projection makes {projection.out_features}-d tokens but "
+                                    f"the UNet attends to {cross}-d ones")
+        if scheduler.config.get("prediction_type", "epsilon") != "epsilon":
+            raise PriorNotAvailable(f"prior {model_name!r}: prediction_type {scheduler.config.get('prediction_type')!r}; "
+                                    "Zero123 priors predict epsilon")
         self.scaling = float(getattr(vae.config, "scaling_factor", 0.18215))
         self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
         sample = unet.config.sample_size
@@ -201,7 +208,14 @@ def load_view_prior(model: str, *, device: str | torch.device = "cpu", dtype: st
 
     if model in EMBEDDED_VIEW_PRIORS:
         return ViewConditionedPrior.from_pretrained(model, device=device, dtype=dtype, download=download)
-    index = _locate_view(str(model), download, None) / "model_index.json"
+    folder = _locate_view(str(model), download, None)
+    index = folder / "model_index.json"
     has_vae = index.is_file() and "vae" in json.loads(index.read_text())
+    unet_config = folder / "unet" / "config.json"
+    channels = json.loads(unet_config.read_text()).get("out_channels", 3) if unet_config.is_file() else 3
+    if not has_vae and channels != 3:  # images are RGB: a UNet on other channels denoises latents
+        raise PriorNotAvailable(f"prior {model!r}: its UNet denoises {channels}-channel latents (a latent Zero123) but "
+                                f"model_index.json lists no 'vae' component to encode images; re-download or "
+                                f"re-export the model with its vae/")
     cls = LatentZero123Prior if has_vae else ViewConditionedPrior
     return cls.from_pretrained(model, device=device, dtype=dtype, download=download)

@@ -75,6 +75,15 @@ def test_magic123_joint_guidance_runs(tiny_pixel_prior, tmp_path, mug_png):
     assert (run / "export" / "mesh.glb").is_file() and (run / "reference.png").is_file()
 
 
+def test_zero123_with_a_text_prior_too(tiny_pixel_prior, tmp_path, mug_png, capsys):
+    out = tmp_path / "outputs"
+    o = fast_overrides(tiny_pixel_prior, out, steps=2) + SMALL + ["turntable_frames=0", "exports=[]", "lambda_sds=0.5"]
+    assert main(["run", "image-to-3d", f"image={mug_png}", *o]) == 2  # a text prior needs a prompt
+    assert "prompt is empty" in capsys.readouterr().err
+    assert main(["run", "image-to-3d", f"image={mug_png}", "prompt=a blue mug", *o]) == 0
+    assert {"sds_2d", "zero123", "ref_rgb"} <= set(metrics(resolve_run("@last", out))[0])
+
+
 @pytest.mark.parametrize("args, message", [
     ([], "no input image: pass image="),
     (["image=/nonexistent/x.png"], "does not exist"),

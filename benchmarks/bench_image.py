@@ -1,0 +1,149 @@
+"""Image-to-3D on the Shapes world: one input view of an object the priors never saw, scored in 3D.
+
+Each held-out object (`gen3d.world.catalog.HELD_OUT`: color/shape pairs left out of both embedded
+priors' training) is rendered once from the front (azimuth 0, elevation 15, distance 1.9, field of view
+40: inside the view prior's training orbit) as a 256² RGBA image, and a recipe turns that image into 3D
+(`gen3d run <config> image=... elevation=15`). Scores against the ground truth:
+
+- 3D IoU in the input camera's frame (``aligned``: position and scale as reconstructed, no search)
+  and after normalizing position and scale (``normalized``, `gen3d.world.metrics.iou_3d`);
+- novel-view PSNR and SSIM (scikit-image, on RGB over white) and silhouette IoU against ground-truth
+  renders from 14 novel views (7 azimuths away from the input x elevations 10 and 40, 128²), and the
+  same at the input view (how well the reference was fitted);
+- seconds of training.
+
+Methods (``--methods``): ``zero123`` (the `image-to-3d` preset: Gaussians, Zero123 SDS + reference
+losses), ``reference-only`` (the same with lambda_zero123=0: what the view prior adds), ``magic123``
+(the `magic123` preset: a hash-grid field with joint text + Zero123 guidance; the prompt is the
+object's caption).
+
+    python benchmarks/bench_image.py                         # zero123 and reference-only on the 5 held-out objects
+    python benchmarks/bench_image.py --methods magic123      # the field recipe (slower)
+    python benchmarks/bench_image.py --quick                 # one object, 10 steps (smoke test)
+
+Prints one JSON object: per-run rows and a summary per method (means over objects).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gen3d.cameras import spherical_cameras
+from gen3d.world.catalog import caption, held_out_objects
+from gen3d.world.metrics import ObjectQuery, eval_cameras, iou_3d, silhouette_iou
+from gen3d.world.render import render_object
+
+INPUT_CAMERA = {"azimuth": 0.0, "elevation": 15.0, "distance": 1.9, "fovy": 40.0}
+METHODS = {"zero123": ("image-to-3d", []), "reference-only": ("image-to-3d", ["lambda_zero123=0"]),
+           "magic123": ("magic123", [])}
+
+
+def input_image(obj, path: Path, size: int = 256) -> Path:
+    """The object's front view as an RGBA PNG."""
+    from PIL import Image
+
+    c = INPUT_CAMERA
+    one = lambda v: torch.tensor([float(v)])  # noqa: E731
+    cams = spherical_cameras(one(c["azimuth"]), one(c["elevation"]), one(c["distance"]), one(c["fovy"]), size, size)
+    out = render_object(obj, cams, supersample=2)
+    rgba = torch.cat([out.rgb[0], out.alpha[0]], -1).numpy()
+    Image.fromarray((rgba * 255).round().astype(np.uint8), "RGBA").save(path)
+    return path
+
+
+def image_scores(query, obj, size: int) -> dict[str, float]:
+    """PSNR / SSIM / silhouette IoU at the novel views and at the input view."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    cams = eval_cameras(size, elevations=(10.0, 40.0), distance=INPUT_CAMERA["distance"], fovy=INPUT_CAMERA["fovy"])
+    novel = (cams.azimuth != 0).nonzero().squeeze(1)
+    one = lambda v: torch.tensor([float(v)])  # noqa: E731
+    c = INPUT_CAMERA
+    front = spherical_cameras(one(c["azimuth"]), one(c["elevation"]), one(c["distance"]), one(c["fovy"]), size, size)
+    scores = {}
+    for name, views in (("novel", cams[novel]), ("input_view", front)):
+        with torch.no_grad():
+            mine, truth = query.render(views), render_object(obj, views, supersample=2)
+        a, b = mine.rgb.clamp(0, 1).cpu().numpy(), truth.rgb.numpy()
+        scores[f"{name}_psnr"] = float(np.mean([peak_signal_noise_ratio(t, m, data_range=1.0) for m, t in zip(a, b)]))
+        scores[f"{name}_ssim"] = float(np.mean([structural_similarity(t, m, channel_axis=-1, data_range=1.0)
+                                                for m, t in zip(a, b)]))
+        scores[f"{name}_silhouette_iou"] = float(silhouette_iou(query, obj, views))
+    return scores
+
+
+def run(method: str, obj, image: Path, args, out_dir: Path) -> dict:
+    from gen3d.cli import load_run_config
+    from gen3d.runs import new_run_dir
+    from gen3d.systems.base import write_config
+
+    config, extra = METHODS[method]
+    overrides = [f"image={image}", f"elevation={INPUT_CAMERA['elevation']}", f"output_dir={out_dir}", "progress=false",
+                 "exports=[]", "turntable_frames=0", "val_every=0", "checkpoint_every=0", f"seed={args.seed}", *extra]
+    if method == "magic123":
+        overrides.append(f"prompt={caption(obj.shape, obj.color)}")
+    if args.quick:
+        overrides += ["max_steps=10", "image_size=32", "cameras.batch_size=2"]
+    overrides += args.override
+    system_cls, cfg = load_run_config(config, overrides)
+    run_dir = new_run_dir(cfg.output_dir, system_cls.name, f"{obj.color}_{obj.shape}")
+    write_config(run_dir, cfg)
+    system = system_cls(cfg, run_dir)
+    t0 = time.perf_counter()
+    system.fit()
+    seconds = time.perf_counter() - t0
+    query = system.query()
+    return {"method": method, "object": str(obj), "seconds": round(seconds, 1), "steps": cfg.max_steps,
+            "iou_3d_aligned": round(float(iou_3d(query, obj, normalize=False, best_over_azimuth=False)), 4),
+            "iou_3d_normalized": round(float(iou_3d(query, obj)), 4),
+            **{k: round(v, 4) for k, v in image_scores(query, obj, args.eval_size).items()}}
+
+
+def summarize(rows: list[dict]) -> dict:
+    out = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        keys = [k for k in mine[0] if k not in ("method", "object", "steps")]
+        out[method] = {"runs": len(mine)} | {k: round(statistics.mean(r[k] for r in mine), 4) for k in keys}
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--methods", nargs="+", default=["zero123", "reference-only"], choices=list(METHODS))
+    p.add_argument("--objects", type=int, default=5, help="how many of the held-out objects")
+    p.add_argument("--override", nargs="*", default=[], help="extra key=value overrides for every run")
+    p.add_argument("--eval-size", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="one object, 10 steps (a smoke test)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.objects, args.eval_size = 1, 32
+    torch.set_num_threads(args.threads)
+    objects = held_out_objects()[:args.objects]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for obj in objects:
+            image = input_image(obj, Path(tmp) / f"{obj.color}_{obj.shape}.png")
+            for method in args.methods:
+                rows.append(run(method, obj, image, args, Path(tmp) / "outputs"))
+                print(json.dumps(rows[-1]), file=sys.stderr)
+    gt = {str(o): image_scores(ObjectQuery(o), o, args.eval_size)["novel_psnr"] for o in objects[:1]}
+    report = {"settings": vars(args), "input_camera": INPUT_CAMERA, "rows": rows, "summary": summarize(rows),
+              "sanity_ground_truth_novel_psnr": gt}
+    print(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -3,7 +3,8 @@
 Each held-out object (`gen3d.world.catalog.HELD_OUT`: color/shape pairs left out of both embedded
 priors' training) is rendered once from the front (azimuth 0, elevation 15, distance 1.9, field of view
 40: inside the view prior's training orbit) as a 256² RGBA image, and a recipe turns that image into 3D
-(`gen3d run <config> image=... elevation=15`). Scores against the ground truth:
+(`gen3d run <config> image=... elevation=15 recenter=false`: the input camera is known, so the image keeps
+its framing and the result is in the ground truth's frame). Scores against the ground truth:
 
 - 3D IoU in the input camera's frame (``aligned``: position and scale as reconstructed, no search)
   and after normalizing position and scale (``normalized``, `gen3d.world.metrics.iou_3d`);
@@ -20,6 +21,7 @@ object's caption).
     python benchmarks/bench_image.py                         # zero123 and reference-only on the 5 held-out objects
     python benchmarks/bench_image.py --methods magic123      # the field recipe (slower)
     python benchmarks/bench_image.py --quick                 # one object, 10 steps (smoke test)
+    python benchmarks/bench_image.py --figure docs/image_to_3d.png   # and the renders, one row per object
 
 Prints one JSON object: per-run rows and a summary per method (means over objects).
 """
@@ -87,7 +89,8 @@ def run(method: str, obj, image: Path, args, out_dir: Path) -> dict:
     from gen3d.systems.base import write_config
 
     config, extra = METHODS[method]
-    overrides = [f"image={image}", f"elevation={INPUT_CAMERA['elevation']}", f"output_dir={out_dir}", "progress=false",
+    overrides = [f"image={image}", f"elevation={INPUT_CAMERA['elevation']}", f"ref_distance={INPUT_CAMERA['distance']}",
+                 f"ref_fovy={INPUT_CAMERA['fovy']}", "recenter=false", f"output_dir={out_dir}", "progress=false",
                  "exports=[]", "turntable_frames=0", "val_every=0", "checkpoint_every=0", f"seed={args.seed}", *extra]
     if method == "magic123":
         overrides.append(f"prompt={caption(obj.shape, obj.color)}")
@@ -102,10 +105,41 @@ def run(method: str, obj, image: Path, args, out_dir: Path) -> dict:
     system.fit()
     seconds = time.perf_counter() - t0
     query = system.query()
+    if args.figure:
+        with torch.no_grad():
+            FIGURE.setdefault(str(obj), {})[method] = query.render(figure_cameras()).rgb.clamp(0, 1).cpu()
     return {"method": method, "object": str(obj), "seconds": round(seconds, 1), "steps": cfg.max_steps,
             "iou_3d_aligned": round(float(iou_3d(query, obj, normalize=False, best_over_azimuth=False)), 4),
             "iou_3d_normalized": round(float(iou_3d(query, obj)), 4),
             **{k: round(v, 4) for k, v in image_scores(query, obj, args.eval_size).items()}}
+
+
+FIGURE: dict[str, dict[str, torch.Tensor]] = {}  # object -> method -> renders [4, S, S, 3]
+
+
+def figure_cameras(size: int = 96):
+    """The figure's views: the input camera turned to azimuths 0, 90, 180 and 270."""
+    c = INPUT_CAMERA
+    n = 4
+    return spherical_cameras(torch.tensor([0.0, 90.0, 180.0, -90.0]), torch.full((n,), c["elevation"]),
+                             torch.full((n,), c["distance"]), torch.full((n,), c["fovy"]), size, size)
+
+
+def save_figure(path: Path, objects, images: dict[str, Path], methods: list[str]) -> None:
+    """One row per object: the input image, the ground truth from 4 views, then each method from the same views."""
+    from PIL import Image
+
+    from gen3d.export.video import save_image
+
+    rows = []
+    for obj in objects:
+        truth = render_object(obj, figure_cameras(), supersample=2).rgb  # [4, S, S, 3]
+        S = truth.shape[1]
+        rgba = np.asarray(Image.open(images[str(obj)]).convert("RGBA").resize((S, S)), np.float32) / 255
+        image = torch.from_numpy(rgba[..., :3] * rgba[..., 3:] + 1 - rgba[..., 3:])
+        tiles = [image] + list(truth) + [v for m in methods for v in FIGURE[str(obj)][m]]
+        rows.append(torch.cat(tiles, 1))
+    save_image(path, torch.cat(rows, 0))
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -126,18 +160,22 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="one object, 10 steps (a smoke test)")
+    p.add_argument("--figure", help="also write a PNG: per object the input, the ground truth and each method from "
+                                    "4 views")
     args = p.parse_args(argv)
     if args.quick:
         args.objects, args.eval_size = 1, 32
     torch.set_num_threads(args.threads)
     objects = held_out_objects()[:args.objects]
-    rows = []
+    rows, images = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for obj in objects:
-            image = input_image(obj, Path(tmp) / f"{obj.color}_{obj.shape}.png")
+            image = images[str(obj)] = input_image(obj, Path(tmp) / f"{obj.color}_{obj.shape}.png")
             for method in args.methods:
                 rows.append(run(method, obj, image, args, Path(tmp) / "outputs"))
                 print(json.dumps(rows[-1]), file=sys.stderr)
+        if args.figure:
+            save_figure(Path(args.figure), objects, images, args.methods)
     gt = {str(o): image_scores(ObjectQuery(o), o, args.eval_size)["novel_psnr"] for o in objects[:1]}
     report = {"settings": vars(args), "input_camera": INPUT_CAMERA, "rows": rows, "summary": summarize(rows),
               "sanity_ground_truth_novel_psnr": gt}

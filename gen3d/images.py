@@ -13,7 +13,8 @@ the way Zero-1-to-3's and DreamGaussian's preprocessing prepares an input view:
    largest piece are dropped (holes are kept: a mug's handle shows the background through it).
 3. **Recenter and rescale.** The foreground's bounding box is centered in a `size` x `size` square
    and scaled so that its longer side spans `fill_ratio` of it (Zero123's and DreamGaussian's inputs:
-   0.8-0.85); the rest is white, and the mask is resampled the same way.
+   0.8-0.85); the rest is white, and the mask is resampled the same way. ``recenter=False`` keeps the
+   image's framing instead (when its camera is known, e.g. a render).
 
 Every failure is a `Gen3dError` that says what was wrong and what to do: a missing or unreadable
 file, an image smaller than 16 px, no foreground, a background that is not plain.
@@ -90,8 +91,12 @@ def _components(mask: np.ndarray, min_ratio: float = 0.01) -> np.ndarray:
 
 
 def prepare_reference(image: np.ndarray, size: int = 256, fill_ratio: float = 0.85, tolerance: float = 0.1,
-                      source: str = "<array>") -> ReferenceImage:
-    """Foreground, recentering and rescaling of an image float [H, W, 3 or 4] in [0, 1] (steps 2 and 3)."""
+                      source: str = "<array>", recenter: bool = True) -> ReferenceImage:
+    """Foreground, recentering and rescaling of an image float [H, W, 3 or 4] in [0, 1] (steps 2 and 3).
+
+    recenter=False keeps the image's own framing (for an image whose camera is known): the image is padded
+    to a square around its center and resized to `size`, and `fill_ratio` is ignored.
+    """
     if not 0.1 <= fill_ratio <= 1.0:
         raise ValueError(f"fill_ratio must be in [0.1, 1], got {fill_ratio}")
     if not MIN_SIDE <= size <= 4096:
@@ -128,6 +133,10 @@ def prepare_reference(image: np.ndarray, size: int = 256, fill_ratio: float = 0.
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
     top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
     scale = fill_ratio * size / max(bottom - top, right - left)
+    if not recenter:  # the whole image, centered in a square
+        side = max(H, W)
+        top, bottom, left, right = 0, H, 0, W
+        scale = size / side
     crop = np.concatenate([rgb[top:bottom, left:right] * soft[top:bottom, left:right, None],
                            soft[top:bottom, left:right, None]], -1)  # premultiplied RGBA
     h, w = max(1, round((bottom - top) * scale)), max(1, round((right - left) * scale))
@@ -136,14 +145,16 @@ def prepare_reference(image: np.ndarray, size: int = 256, fill_ratio: float = 0.
                                         align_corners=None if scale < 1 else False)[0].permute(1, 2, 0).clamp(0, 1)
     canvas = torch.zeros(size, size, 4)
     y0, x0 = (size - h) // 2, (size - w) // 2
+    fill_ratio = fill_ratio if recenter else max(rows[-1] + 1 - rows[0], cols[-1] + 1 - cols[0]) * scale / size
     canvas[y0:y0 + h, x0:x0 + w] = x
     mask_out = canvas[..., 3]
     rgb_out = canvas[..., :3] + (1.0 - mask_out[..., None])  # premultiplied over white
     return ReferenceImage(rgb_out.clamp(0, 1), mask_out, source, (W, H), mask_from, fill_ratio)
 
 
-def load_reference(path: str | os.PathLike, size: int = 256, fill_ratio: float = 0.85,
-                   tolerance: float = 0.1) -> ReferenceImage:
-    """The object of the image at `path`, centered on white at `size` x `size`, filling `fill_ratio` of it."""
+def load_reference(path: str | os.PathLike, size: int = 256, fill_ratio: float = 0.85, tolerance: float = 0.1,
+                   recenter: bool = True) -> ReferenceImage:
+    """The object of the image at `path`, centered on white at `size` x `size`, filling `fill_ratio` of it
+    (recenter=False: the image's own framing)."""
     path = Path(path)
-    return prepare_reference(_read(path), size, fill_ratio, tolerance, source=str(path))
+    return prepare_reference(_read(path), size, fill_ratio, tolerance, source=str(path), recenter=recenter)

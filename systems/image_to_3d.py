@@ -47,6 +47,9 @@ class ImageInput:
     """Side in pixels of the prepared input view and of the reference render (DreamGaussian: 256)."""
     fill_ratio: float = 0.85
     """The object's longer side as a fraction of the prepared view (DreamGaussian and Zero123: 0.8-0.85)."""
+    recenter: bool = True
+    """Center and rescale the object to fill_ratio; false keeps the image's own framing (its camera is then the
+    input camera as given: elevation, ref_distance, ref_fovy)."""
     elevation: float = 0.0
     """Elevation in degrees of the camera the image was taken from (DreamGaussian's default 0)."""
     ref_distance: float = 2.0
@@ -100,12 +103,13 @@ class ImageTo3D:
         from gen3d.priors.zero123 import load_view_prior
 
         cfg = self.cfg
-        ref = load_reference(cfg.image, size=cfg.image_size, fill_ratio=cfg.fill_ratio)
+        ref = load_reference(cfg.image, size=cfg.image_size, fill_ratio=cfg.fill_ratio, recenter=cfg.recenter)
         self.ref_rgb = ref.rgb[None].to(self.device)  # [1, S, S, 3] over white
         self.ref_mask = ref.mask[None, ..., None].to(self.device)  # [1, S, S, 1]
         save_image(self.run_dir / "reference.png", ref.rgb)
         self.log.info(f"input image: {cfg.image} ({ref.source_size[0]}x{ref.source_size[1]}, mask from {ref.mask_from}), "
-                      f"prepared at {cfg.image_size}x{cfg.image_size} filling {cfg.fill_ratio:.0%}")
+                      f"prepared at {cfg.image_size}x{cfg.image_size} filling {ref.fill_ratio:.0%}"
+                      + ("" if cfg.recenter else " (its own framing)"))
         one = lambda v: torch.tensor([float(v)])  # noqa: E731
         self.ref_camera = spherical_cameras(one(0.0), one(cfg.elevation), one(cfg.ref_distance), one(cfg.ref_fovy),
                                             cfg.image_size, cfg.image_size).to(self.device)

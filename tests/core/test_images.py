@@ -95,3 +95,12 @@ def test_bad_images_say_what_is_wrong(tmp_path, make, message):
     make(path)
     with pytest.raises(Gen3dError, match=message):
         load_reference(path)
+
+
+def test_recenter_false_keeps_the_framing(tmp_path):
+    image, inside = disc(size=(80, 80), center=(20, 30), radius=10)
+    Image.fromarray(image).save(tmp_path / "in.png")
+    ref = load_reference(tmp_path / "in.png", size=40, recenter=False)
+    top, bottom, left, right = mask_box(ref.mask)
+    assert abs((left + right) / 2 - 10) <= 1 and abs((top + bottom) / 2 - 15) <= 1  # where it was, at half the size
+    assert abs(ref.fill_ratio - 21 / 80) < 0.03

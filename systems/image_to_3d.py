@@ -92,8 +92,8 @@ class ImageTo3D:
 
     def check_image(self) -> None:
         if not self.cfg.image:
-            raise Gen3dError(f"no input image: pass image=path/to/object.png (RGBA, or RGB on a plain background) "
-                             f"to `gen3d run {self.name}`")
+            raise Gen3dError("no input image: pass image=path/to/object.png (RGBA, or RGB on a plain background), "
+                             "e.g. `gen3d run image-to-3d image=chair.png`")
 
     def setup_reference(self) -> None:
         """Read and prepare the input image, save it in the run folder, build the input camera and Zero123 SDS."""

@@ -89,9 +89,13 @@ def test_zero123_with_a_text_prior_too(tiny_pixel_prior, tmp_path, mug_png, caps
     (["image=/nonexistent/x.png"], "does not exist"),
     (["elevation=120"], "elevation must be in"),
     (["zero123.type=vsd"], "zero123.type must be sds"),
+    (["view_prior=nobody/zero123-missing"], "not available offline"),
 ])
 def test_bad_image_inputs(tiny_pixel_prior, tmp_path, mug_png, capsys, args, message):
-    if args and args[0].startswith(("elevation", "zero123")):
+    if args and args[0].startswith(("elevation", "zero123", "view_prior")):
         args = [f"image={mug_png}", *args]
     assert main(["run", "image-to-3d", *args, *fast_overrides(tiny_pixel_prior, tmp_path)]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err
+    if "offline" in message:
+        assert "nobody/zero123-missing" in err and "gen3d/shapes-zero123" in err

@@ -221,6 +221,18 @@ def cmd_world_train(args: argparse.Namespace) -> int:
     if args.show_config:
         print("\n".join(describe(cfg)))
         return 0
+    processes = getattr(args, "processes", 1)
+    if processes < 1:
+        raise Gen3dError(f"--processes must be >= 1, got {processes}")
+    if processes > 1:  # data-parallel: every process runs the trainer, rank 0 writes
+        from gen3d.world.train_recon import run_distributed
+
+        try:
+            run_distributed(cfg, processes, resume=args.resume)
+        except KeyboardInterrupt:
+            return 130
+        print(Path(cfg.output))
+        return 0
     trainer = trainer_cls(cfg)
     if args.resume and trainer.resume():
         print(f"resumed at step {trainer.step} from {cfg.work_dir}", file=sys.stderr)
@@ -331,6 +343,8 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
                         "train the embedded text-to-image prior (reproduces the shipped weights)"),
         "train-view-prior": ("gen3d.world.train_view_prior", "ViewPriorTrainConfig", "ViewPriorTrainer",
                              "train the embedded Zero123-style view-conditioned prior"),
+        "train-recon": ("gen3d.world.train_recon", "ReconTrainConfig", "ReconTrainer",
+                        "train the feed-forward triplane-Gaussian reconstructor (TGS)"),
     }
     for verb, (module, config_name, trainer_name, text) in trainers.items():
         train = wsub.add_parser(verb, help=text, description=f"{text[0].upper()}{text[1:]}, from a seed; overrides "
@@ -338,6 +352,9 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
         train.add_argument("overrides", nargs="*", help="dotted key=value overrides")
         train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in work_dir")
         train.add_argument("--show-config", action="store_true", help="print every setting with its meaning and exit")
+        if verb == "train-recon":
+            train.add_argument("--processes", type=int, default=1,
+                               help="data-parallel CPU processes (torch.distributed, gloo); or launch with torchrun")
         train.set_defaults(func=cmd_world_train, trainer=(module, config_name, trainer_name))
     catalog = wsub.add_parser("catalog", help="render every shape of the world into one picture")
     catalog.add_argument("--output", default="shapes_catalog.png", help="PNG to write")

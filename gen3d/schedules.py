@@ -62,3 +62,14 @@ def schedule_value(value: Schedule, step: int, max_steps: int = 1) -> float:
         if step <= s1:
             return _interp(step, s0, a, s1, b)
     return points[-1][1]
+
+
+def warmup_cosine(step: int, peak: float, warmup: int, steps: int, floor: float = 0.1) -> float:
+    """Learning rate at `step`: linear warm-up to `peak` over `warmup` steps, then cosine decay to `floor` * peak
+    at `steps` (the trainers of the embedded models)."""
+    import math
+
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import signal
 import sys
 import time
@@ -185,11 +184,9 @@ class DiffusionTrainer:
         return per_example.mean()
 
     def lr_at(self, step: int) -> float:
-        cfg = self.cfg
-        if step < cfg.warmup:
-            return cfg.lr * (step + 1) / cfg.warmup
-        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+        from gen3d.schedules import warmup_cosine
+
+        return warmup_cosine(step, self.cfg.lr, self.cfg.warmup, self.cfg.steps)
 
     def optimize(self, loss: torch.Tensor) -> float:
         """One AdamW step on `loss` (scheduled lr, gradient clipping at 1), then the EMA update."""

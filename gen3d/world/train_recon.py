@@ -244,11 +244,9 @@ class ReconTrainer:
         return total, {k: v.item() for k, v in terms.items()}
 
     def lr_at(self, step: int) -> float:
-        cfg = self.cfg
-        if step < cfg.warmup:
-            return cfg.lr * (step + 1) / cfg.warmup
-        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+        from gen3d.schedules import warmup_cosine
+
+        return warmup_cosine(step, self.cfg.lr, self.cfg.warmup, self.cfg.steps)
 
     def train_step(self) -> float:
         """One AdamW step on a fresh batch (scheduled lr, gradient clipping); returns the loss."""

@@ -4,6 +4,8 @@ A `Gen3dError` carries one line that says what was wrong and what to do. The CLI
 without a traceback and exits with status 2; everything else is a bug and keeps its traceback.
 """
 
+import functools
+
 
 class Gen3dError(Exception):
     """An error caused by the user's input or environment, with a one-line remedy."""
@@ -36,3 +38,16 @@ def require(module: str, extra: str, purpose: str):
             f"{purpose} needs the optional package '{module}' ({exc}); "
             f"install it with: pip install 'gen3d[{extra}]'"
         ) from exc
+
+
+@functools.lru_cache(maxsize=None)
+def importable(module: str) -> bool:
+    """Whether optional dependency `module` imports here: False when it is missing, or when it is installed but fails
+    to load (a broken build, a missing system library such as open3d's libusb). Cached per module."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except Exception:
+        return False
+    return True

@@ -21,11 +21,10 @@ Vertex colors and textures are not carried through: color the result again from 
 
 from __future__ import annotations
 
-import importlib.util
 
 import numpy as np
 
-from gen3d.errors import Gen3dError, MissingExtra
+from gen3d.errors import Gen3dError, MissingExtra, importable
 
 __all__ = ["MESH_BACKENDS", "available_mesh_backends", "clean_mesh", "decimate"]
 
@@ -34,19 +33,9 @@ _EXTRA = {"pymeshlab": "pip install 'gen3d[meshlab]' (or pip install pymeshlab)"
           "open3d": "pip install 'gen3d[open3d]' (or pip install open3d; on Debian/Ubuntu also apt install libusb-1.0-0)"}
 
 
-def _importable(name: str) -> bool:
-    if importlib.util.find_spec(name) is None:
-        return False
-    try:  # open3d is found but fails to import without libusb
-        importlib.import_module(name)
-    except (ImportError, OSError):
-        return False
-    return True
-
-
 def available_mesh_backends() -> list[str]:
     """The clean-up libraries installed here, trimesh always."""
-    return ["trimesh"] + [name for name in ("pymeshlab", "open3d") if _importable(name)]
+    return ["trimesh"] + [name for name in ("pymeshlab", "open3d") if importable(name)]
 
 
 def _resolve(backend: str, remesh: float) -> str:

@@ -47,15 +47,13 @@ dropped for that camera, not clipped.
 
 from __future__ import annotations
 
-import functools
-import importlib
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from gen3d.cameras import Cameras
-from gen3d.errors import Gen3dError, MissingExtra
+from gen3d.errors import Gen3dError, MissingExtra, importable
 
 BACKENDS = ("auto", "torch", "pytorch3d", "nvdiffrast")
 _CHUNK = 1 << 16  # candidate (pair, pixel) tests per chunk of the torch backend: ~16 MB of temporaries (cache-friendly)
@@ -78,9 +76,9 @@ class MeshRaster:
 def available_backends() -> list[str]:
     """Backends usable here: "torch" always, "pytorch3d" if it imports, "nvdiffrast" if it imports and CUDA is available."""
     names = ["torch"]
-    if _importable("pytorch3d.renderer.mesh.rasterize_meshes"):
+    if importable("pytorch3d.renderer.mesh.rasterize_meshes"):
         names.append("pytorch3d")
-    if _importable("nvdiffrast.torch") and torch.cuda.is_available():
+    if importable("nvdiffrast.torch") and torch.cuda.is_available():
         names.append("nvdiffrast")
     return names
 
@@ -162,15 +160,6 @@ def _check_mesh(vertices: Tensor, faces: Tensor, cameras: Cameras, backend: str,
     return faces.long()
 
 
-@functools.lru_cache(maxsize=None)
-def _importable(module: str) -> bool:
-    try:
-        importlib.import_module(module)
-    except Exception:  # ImportError, or a broken build failing to load its extension
-        return False
-    return True
-
-
 def _choose_backend(backend: str, device: torch.device) -> str:
     """The backend to run; imports an optional package only when it may be used."""
     if backend == "torch" or (backend == "auto" and device.type != "cuda"):
@@ -186,7 +175,7 @@ def _choose_backend(backend: str, device: torch.device) -> str:
                 "(https://github.com/facebookresearch/pytorch3d/blob/main/INSTALL.md), or use backend='torch', "
                 "which works everywhere")
         return backend
-    if not _importable("nvdiffrast.torch"):
+    if not importable("nvdiffrast.torch"):
         raise MissingExtra(
             "rasterize_mesh: backend='nvdiffrast' needs the optional package nvdiffrast, which is not installed; "
             "install it with: pip install git+https://github.com/NVlabs/nvdiffrast, or use backend='torch', "

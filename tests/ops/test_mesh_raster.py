@@ -12,7 +12,7 @@ import torch
 import trimesh
 
 from gen3d.cameras import Cameras, orbit_cameras
-from gen3d.errors import Gen3dError
+from gen3d.errors import Gen3dError, importable
 from gen3d.ops import mesh_raster
 from gen3d.ops.mesh_raster import MeshRaster, available_backends, interpolate, rasterize_mesh
 
@@ -492,7 +492,7 @@ def test_unavailable_backend_says_how_to_get_it(backend, hint):
         rasterize_mesh(vertices, faces, orbit_cameras(1, width=16, height=16), backend=backend)
     message = str(info.value)
     assert backend in message and "backend='torch'" in message and "works everywhere" in message
-    installed = backend == "nvdiffrast" and mesh_raster._importable("nvdiffrast.torch")
+    installed = backend == "nvdiffrast" and importable("nvdiffrast.torch")
     assert ("CUDA GPU" if installed else hint) in message
 
 

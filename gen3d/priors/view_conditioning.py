@@ -77,6 +77,15 @@ PROJECTION_MODULES = ("gen3d.priors.view_conditioning",)
 TOKEN_LAYOUTS = ("single", "patches")
 
 
+def locate_view_prior(model: str, download: bool, cache_dir: str | None) -> Path:
+    """The local folder of a view-conditioned prior (`gen3d.priors.diffusion._locate`), its errors naming the
+    embedded view prior, not the text one, as the offline alternative."""
+    try:
+        return _locate(model, download, cache_dir)
+    except PriorNotAvailable as exc:
+        raise PriorNotAvailable(str(exc).replace(EMBEDDED_HINT, VIEW_HINT)) from exc.__cause__
+
+
 def relative_pose(elev_in, azim_in, dist_in, elev_out, azim_out, dist_out) -> Tensor:
     """Relative camera from an input view to an output view, ``[B, 4]`` float32.
 
@@ -263,10 +272,7 @@ class ViewConditionedPrior:
                     f"rebuild it with: gen3d world train-view-prior"
                 )
         else:
-            try:
-                folder = _locate(model, download, cache_dir)
-            except PriorNotAvailable as exc:  # same messages, naming the view-conditioned alternative
-                raise PriorNotAvailable(str(exc).replace(EMBEDDED_HINT, VIEW_HINT)) from exc.__cause__
+            folder = locate_view_prior(model, download, cache_dir)
         index_file = folder / "model_index.json"
         if not index_file.is_file():
             raise PriorNotAvailable(

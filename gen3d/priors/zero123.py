@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gen3d.errors import PriorNotAvailable
-from gen3d.priors.diffusion import EMBEDDED_HINT, NoisePrediction, _component_class, _first_line, _freeze, \
-    _load_component, _locate, resolve_device, resolve_dtype
-from gen3d.priors.view_conditioning import VIEW_HINT, Condition
+from gen3d.priors.diffusion import NoisePrediction, _component_class, _first_line, _freeze, _load_component, \
+    resolve_device, resolve_dtype
+from gen3d.priors.view_conditioning import Condition, locate_view_prior
 
 __all__ = ["LatentZero123Prior", "load_view_prior"]
 
@@ -70,14 +70,6 @@ def _load_projection(model: str, folder: Path, dtype: torch.dtype) -> nn.Linear:
         return linear.to(dtype)
     raise PriorNotAvailable(f"prior {model!r} has no camera projection ({' or '.join(PROJECTION_FOLDERS)}/ with "
                             f"weights) in {folder}")
-
-
-def _locate_view(model: str, download: bool, cache_dir: str | None) -> Path:
-    """`_locate`, its errors naming the embedded view prior as the offline alternative."""
-    try:
-        return _locate(model, download, cache_dir)
-    except PriorNotAvailable as exc:
-        raise PriorNotAvailable(str(exc).replace(EMBEDDED_HINT, VIEW_HINT)) from exc.__cause__
 
 
 class LatentZero123Prior:
@@ -122,7 +114,7 @@ class LatentZero123Prior:
         """Load a Zero123 diffusers folder or hub id (see the module docstring for the layouts it reads)."""
         device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, device)
-        folder = _locate_view(str(model), download, cache_dir)
+        folder = locate_view_prior(str(model), download, cache_dir)
         index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").is_file() else {}
         parts = {}
         for name in ("unet", "vae", "image_encoder", "scheduler"):
@@ -208,7 +200,7 @@ def load_view_prior(model: str, *, device: str | torch.device = "cpu", dtype: st
 
     if model in EMBEDDED_VIEW_PRIORS:
         return ViewConditionedPrior.from_pretrained(model, device=device, dtype=dtype, download=download)
-    folder = _locate_view(str(model), download, None)
+    folder = locate_view_prior(str(model), download, None)
     index = folder / "model_index.json"
     has_vae = index.is_file() and "vae" in json.loads(index.read_text())
     unet_config = folder / "unet" / "config.json"

@@ -83,14 +83,22 @@ class DreamGaussian(System):
 
     def setup(self) -> None:
         cfg = self.cfg
-        check_prompt(cfg)
+        self.check_inputs()
         init_gen = torch.Generator().manual_seed(cfg.seed)
         self.model = GaussianModel.random_ball(cfg.gaussians, generator=init_gen).to(self.device)
 
+    def check_inputs(self) -> None:
+        """Fail early on a run that cannot start: here, an empty prompt."""
+        check_prompt(self.cfg)
+
+    def setup_guidance(self) -> None:
+        """The prior(s) and guidance of `guide`: the text prior and its score distillation."""
+        self.prior, self.prompts = load_text_prior(self.cfg, self.device)
+        self.guidance = build_guidance(self.prior, self.cfg.guidance, seed=self.cfg.seed)
+
     def setup_training(self) -> None:
         cfg = self.cfg
-        self.prior, self.prompts = load_text_prior(cfg, self.device)
-        self.guidance = build_guidance(self.prior, cfg.guidance, seed=cfg.seed)
+        self.setup_guidance()
         self.optimizer = self._optimizer()
         # DreamGaussian's camera extent for the densify thresholds (percent_dense, prune size) is 4.
         self.strategy = DensifyStrategy(cfg.densify, scene_extent=4.0, max_steps=cfg.max_steps, seed=cfg.seed)

@@ -159,25 +159,14 @@ class Zero123(ImageTo3D, DreamGaussian):
     Config = Zero123Config
     cfg: Zero123Config
 
-    def setup(self) -> None:
+    def check_inputs(self) -> None:
         self.check_image()
         if self.cfg.lambda_sds:
-            super().setup()  # checks the prompt
-        else:
-            from gen3d.representations.gaussians import GaussianModel
+            super().check_inputs()  # a text prior needs a prompt
 
-            init_gen = torch.Generator().manual_seed(self.cfg.seed)
-            self.model = GaussianModel.random_ball(self.cfg.gaussians, generator=init_gen).to(self.device)
-
-    def setup_training(self) -> None:
-        from gen3d.representations.strategy import DensifyStrategy
-
-        cfg = self.cfg
-        if cfg.lambda_sds:
-            super().setup_training()  # the text prior and its guidance too
-        else:
-            self.optimizer = self._optimizer()
-            self.strategy = DensifyStrategy(cfg.densify, scene_extent=4.0, max_steps=cfg.max_steps, seed=cfg.seed)
+    def setup_guidance(self) -> None:
+        if self.cfg.lambda_sds:
+            super().setup_guidance()  # the text prior and its guidance too
         self.setup_reference()
 
     def guide(self, rgb: torch.Tensor, cams: Cameras, step: int) -> GuidanceOutput:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from gen3d.errors import Gen3dError
+from gen3d.ops.boxes import box_cells
 
 
 def unwrap(vertices: np.ndarray, faces: np.ndarray, resolution: int = 1024, padding: int = 2):
@@ -57,17 +58,8 @@ def rasterize_uv(uv: Tensor, faces: Tensor, size: int, chunk: int = 1 << 22) -> 
     tri = uv[faces] * size  # [F, 3, 2] in texel units, x = u * size, y = v * size
     lo = tri.min(1).values.floor().clamp(0, size - 1).long()  # [F, 2]
     hi = tri.max(1).values.ceil().clamp(0, size - 1).long()
-    w, h = hi[:, 0] - lo[:, 0] + 1, hi[:, 1] - lo[:, 1] + 1
-    counts = w * h  # candidate texels per face
     texels, face_ids, weights = [], [], []
-    starts = torch.cumsum(counts, 0) - counts
-    total = int(counts.sum())
-    for begin in range(0, total, chunk):  # candidates in chunks: (face, texel-in-bbox) pairs
-        idx = torch.arange(begin, min(begin + chunk, total))
-        f = torch.searchsorted(starts, idx, right=True) - 1
-        local = idx - starts[f]
-        x = lo[f, 0] + local % w[f]
-        y = lo[f, 1] + local // w[f]
+    for f, x, y in box_cells(lo, hi - lo + 1, chunk):  # candidates in chunks: (face, texel-in-bbox) pairs
         p = torch.stack([x.double() + 0.5, y.double() + 0.5], -1)  # texel centers
         a, b, c = tri[f, 0], tri[f, 1], tri[f, 2]
         v0, v1, v2 = b - a, c - a, p - a

@@ -54,6 +54,7 @@ from torch import Tensor
 
 from gen3d.cameras import Cameras
 from gen3d.errors import Gen3dError, MissingExtra, importable
+from gen3d.ops.boxes import box_cells
 
 BACKENDS = ("auto", "torch", "pytorch3d", "nvdiffrast")
 _CHUNK = 1 << 16  # candidate (pair, pixel) tests per chunk of the torch backend: ~16 MB of temporaries (cache-friendly)
@@ -266,25 +267,16 @@ def _face_ids_torch(vertices: Tensor, faces: Tensor, cameras: Cameras, near: flo
     top_left = (d[..., 1] < 0) | ((d[..., 1] == 0) & (d[..., 0] > 0))
     depth_w = inv_z / area.abs()[:, None]  # 1/z at q = sum_k E_k(q) inv_z_k / |area|
     table = torch.cat([d[..., 0], d[..., 1], e[..., 0], e[..., 1], top_left.to(dtype)], 1)  # [N, 15]
-    box = torch.stack([first[:, 0], first[:, 1], extent[:, 0], pair_cam * (H * W)], 1)  # [N, 4]
+    image_start = pair_cam * (H * W)  # [N] first pixel of each pair's image
 
-    counts = extent[:, 0] * extent[:, 1]
-    starts = torch.cumsum(counts, 0) - counts
-    total = int(counts.sum())
     pixels, face_list, inv_depths = [], [], []
-    for begin in range(0, total, _CHUNK):  # candidates (pair, pixel in its box) in chunks
-        idx = torch.arange(begin, min(begin + _CHUNK, total), device=device)
-        pair = torch.searchsorted(starts, idx, right=True) - 1
-        b = box.index_select(0, pair)
-        local = idx - starts.index_select(0, pair)
-        x = b[:, 0] + local % b[:, 2]
-        y = b[:, 1] + local // b[:, 2]
+    for pair, x, y in box_cells(first, extent, _CHUNK):  # candidates (pair, pixel in its box) in chunks
         t = table.index_select(0, pair)
         qx, qy = x.to(dtype)[:, None] + 0.5, y.to(dtype)[:, None] + 0.5
         E = t[:, 0:3] * (qy - t[:, 9:12]) - t[:, 3:6] * (qx - t[:, 6:9])
         inside = ((E > 0) | ((E == 0) & (t[:, 12:15] > 0))).all(1).nonzero().squeeze(1)
+        pixels.append((image_start.index_select(0, pair) + y * W + x).index_select(0, inside))
         pair = pair.index_select(0, inside)
-        pixels.append((b[:, 3] + y * W + x).index_select(0, inside))
         face_list.append(pair_face.index_select(0, pair))
         inv_depths.append((E.index_select(0, inside) * depth_w.index_select(0, pair)).sum(1))
     pix, face, inv_depth = torch.cat(pixels), torch.cat(face_list), torch.cat(inv_depths)

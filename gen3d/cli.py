@@ -5,6 +5,7 @@
     gen3d export @last --format glb splat-ply         # textured mesh + 3DGS PLY (also obj, ply, video)
     gen3d export @last --format obj mesh_faces=20000  # with export settings overridden
     gen3d convert @last to=gaussians steps=500        # distill a run into another representation
+    gen3d reconstruct chair.png --mesh                # one image -> 3D Gaussians in one forward pass (TGS)
     gen3d view @last                                  # the result in the browser (also a .ply or .glb)
     gen3d run dreamgaussian prompt="a red mug" --viewer   # watch a run live
     gen3d configs                                     # list the presets
@@ -146,6 +147,40 @@ def cmd_export(args: argparse.Namespace) -> int:
         out = Path(args.output) if args.output and len(args.format) == 1 else run_dir / "export" / default_export_name(fmt)
         path = system.write_turntable(out) if fmt == "video" else system.export(fmt, out)
         print(path)
+    return 0
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    """`gen3d reconstruct IMAGE`: the feed-forward reconstruction as a run folder (an image-to-3d run at step 0)."""
+    from gen3d.runs import new_run_dir, save_checkpoint
+    from gen3d.systems.base import write_config
+
+    system_cls, cfg = load_run_config(args.config, args.overrides)
+    if system_cls.name != "zero123":
+        raise ConfigError(f"gen3d reconstruct needs an image-to-3d (zero123) config, got system '{system_cls.name}'")
+    cfg.image, cfg.init = args.image, "tgs"
+    if not any(o.startswith("exports=") for o in args.overrides):
+        cfg.exports = ["splat-ply"]
+    if args.mesh and "glb" not in cfg.exports:
+        cfg.exports = [*cfg.exports, "glb"]
+    if not Path(args.image).is_file():  # before a run folder is made for it
+        raise Gen3dError(f"input image '{args.image}' does not exist" if not Path(args.image).exists() else
+                         f"input image '{args.image}' is a folder, not an image file")
+    run_dir = new_run_dir(cfg.output_dir, "reconstruct", Path(args.image).stem)
+    try:
+        write_config(run_dir, cfg)
+        system = system_cls(cfg, run_dir)
+        system.model = system.reconstruct()
+        meta = {"system": system.name, "format": "gen3d-checkpoint-1", "max_steps": cfg.max_steps,
+                "reconstructed_by": cfg.recon_model, "seconds": round(system.recon_seconds, 4)}
+        state = {"training": {}, "generator": system.generator.get_state()}  # SDS refinement starts fresh
+        save_checkpoint(run_dir, 0, system.model_tensors(), state, meta, keep=cfg.keep_checkpoints)
+        system.finish()
+    except Gen3dError:
+        shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth keeping was written
+        raise
+    print(run_dir)
+    print(f"refine it with Zero123 SDS: gen3d resume {run_dir}", file=sys.stderr)
     return 0
 
 
@@ -313,6 +348,20 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     view.add_argument("--port", type=int, default=8080, help="first port to try (the next free one is taken)")
     view.add_argument("--output-dir", default="outputs", help="where @last looks for runs")
     view.set_defaults(func=cmd_view)
+
+    recon = sub.add_parser(
+        "reconstruct", help="one image -> 3D Gaussians in one forward pass (TGS), with PLY, turntable and optional mesh",
+        description="Reconstruct 3D Gaussians from one image with the feed-forward triplane-Gaussian model (TGS) and "
+        "write a run folder: reference.png, export/model.ply (3DGS), video/turntable.mp4 and, with --mesh, "
+        "export/mesh.glb. The input camera is the image-to-3d one (elevation=, ref_distance=, ref_fovy=). The folder "
+        "is an image-to-3d run at step 0: `gen3d resume RUN` refines it with Zero123 SDS, `gen3d export RUN` and "
+        "`gen3d view RUN` work on it.")
+    recon.add_argument("image", help="RGBA image, or RGB on a plain background")
+    recon.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="image-to-3d settings, e.g. elevation=15 recon_model=FOLDER exports=[splat-ply,obj]")
+    recon.add_argument("--mesh", action="store_true", help="also write a textured mesh (export/mesh.glb)")
+    recon.add_argument("--config", default="image-to-3d", help="image-to-3d preset or YAML the settings start from")
+    recon.set_defaults(func=cmd_reconstruct)
 
     export = sub.add_parser("export", help="write a run's result as GLB / OBJ / PLY mesh, 3DGS PLY or video")
     export.add_argument("run", help="run folder or @last")

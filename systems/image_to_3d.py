@@ -36,6 +36,8 @@ from gen3d.schedules import Schedule, check_schedule, schedule_value
 from gen3d.systems.dreamfusion import DreamFusion, DreamFusionConfig
 from gen3d.systems.dreamgaussian import DreamGaussian, DreamGaussianConfig
 
+INITS = ("random", "tgs")
+
 
 @dataclass
 class ImageInput:
@@ -96,11 +98,20 @@ class ImageTo3D:
                              "e.g. `gen3d run image-to-3d image=chair.png`")
 
     def setup_reference(self) -> None:
-        """Read and prepare the input image, save it in the run folder, build the input camera and Zero123 SDS."""
-        from gen3d.export.video import save_image
+        """Read and prepare the input image (`load_reference`), then the view prior and Zero123 SDS."""
         from gen3d.guidance.zero123 import Zero123Guidance
-        from gen3d.images import load_reference
         from gen3d.priors.zero123 import load_view_prior
+
+        cfg = self.cfg
+        if getattr(self, "ref_rgb", None) is None:
+            self.load_reference()
+        self.view_prior = load_view_prior(cfg.view_prior, device=self.device, dtype=cfg.dtype, download=cfg.download)
+        self.zero123 = Zero123Guidance(self.view_prior, self.ref_rgb, cfg.elevation, 0.0, cfg.ref_distance, cfg.zero123)
+
+    def load_reference(self) -> None:
+        """Read and prepare the input image, save it in the run folder as reference.png, build the input camera."""
+        from gen3d.export.video import save_image
+        from gen3d.images import load_reference
 
         cfg = self.cfg
         ref = load_reference(cfg.image, size=cfg.image_size, fill_ratio=cfg.fill_ratio, recenter=cfg.recenter)
@@ -113,8 +124,6 @@ class ImageTo3D:
         one = lambda v: torch.tensor([float(v)])  # noqa: E731
         self.ref_camera = spherical_cameras(one(0.0), one(cfg.elevation), one(cfg.ref_distance), one(cfg.ref_fovy),
                                             cfg.image_size, cfg.image_size).to(self.device)
-        self.view_prior = load_view_prior(cfg.view_prior, device=self.device, dtype=cfg.dtype, download=cfg.download)
-        self.zero123 = Zero123Guidance(self.view_prior, self.ref_rgb, cfg.elevation, 0.0, cfg.ref_distance, cfg.zero123)
 
     def reference_losses(self, out: RenderOutput, step: int) -> dict[str, torch.Tensor]:
         """The input view's weighted RGB and mask MSE for a render `out` from the input camera."""
@@ -146,10 +155,17 @@ class Zero123Config(DreamGaussianConfig, ImageInput):
     lambda_sds: float = 0.0
     """Weight of a text prior's SDS next to Zero123's (DreamGaussian's lambda_sd; 0: the image alone). When > 0,
     `prompt` describes the object and `prior` / `guidance` configure the text prior, as in dreamgaussian."""
+    init: str = "random"
+    """Initial Gaussians: random (a ball, `gaussians.init_*`) or tgs (the feed-forward reconstruction of the input
+    view by `recon_model`, which SDS then refines; `gen3d reconstruct` stops there)."""
+    recon_model: str = "gen3d/shapes-tgs"
+    """Feed-forward reconstructor for init=tgs: the embedded one or a folder from `gen3d world train-recon`."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_image_input()
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {list(INITS)}, got {self.init!r}")
 
 
 class Zero123(ImageTo3D, DreamGaussian):
@@ -158,6 +174,10 @@ class Zero123(ImageTo3D, DreamGaussian):
     name = "zero123"
     Config = Zero123Config
     cfg: Zero123Config
+
+    def setup(self) -> None:
+        self._restored = False
+        super().setup()
 
     def check_inputs(self) -> None:
         self.check_image()
@@ -168,6 +188,31 @@ class Zero123(ImageTo3D, DreamGaussian):
         if self.cfg.lambda_sds:
             super().setup_guidance()  # the text prior and its guidance too
         self.setup_reference()
+
+    def setup_training(self) -> None:
+        super().setup_training()
+        if self.cfg.init == "tgs" and not self._restored:  # a checkpoint loaded before training holds the result
+            self.model = self.reconstruct()
+            self.optimizer = self._optimizer()
+
+    def reconstruct(self):
+        """The feed-forward reconstruction (`gen3d.models.tgs`) of the input view from the input camera, as a
+        trainable `GaussianModel` with this run's Gaussian settings."""
+        from gen3d.models.tgs import load_tgs, reconstruct
+
+        cfg = self.cfg
+        if getattr(self, "ref_rgb", None) is None:
+            self.load_reference()
+        net = load_tgs(cfg.recon_model, device=self.device)
+        model, seconds = reconstruct(net, self.ref_rgb[0], self.ref_mask[0], self.ref_camera, cfg.gaussians)
+        self.recon_seconds = seconds
+        self.log.info(f"TGS ({cfg.recon_model}): {model.num_gaussians} Gaussians from the input view in "
+                      f"{seconds * 1000:.0f} ms")
+        return model.to(self.device)
+
+    def load_model_tensors(self, tensors):
+        super().load_model_tensors(tensors)
+        self._restored = True
 
     def guide(self, rgb: torch.Tensor, cams: Cameras, step: int) -> GuidanceOutput:
         image = self.zero123_guidance(rgb, cams, step)

@@ -49,8 +49,11 @@ Shapes: images ``[B, H, W, 4]`` in [0, 1], points ``[B, N, 3]`` world units, tok
 
 from __future__ import annotations
 
+import json
 import math
+import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -58,12 +61,17 @@ from torch import Tensor, nn
 from transformers import Dinov2Config, Dinov2Model
 
 from gen3d.cameras import Cameras
+from gen3d.errors import Gen3dError, PriorNotAvailable
 from gen3d.ops.sh import MAX_DEGREE, num_sh_bases
 from gen3d.ops.triplane import PLANE_AXES
 from gen3d.representations.gaussians import PARAM_NAMES, GaussianConfig, GaussianModel
 
 CAMERA_DIM = 25
 """Size of the camera condition: normalized intrinsics 3x3 ‖ c2w 4x4, both flattened row-major."""
+EMBEDDED_TGS = {
+    # id -> folder inside the installed package; trained by `gen3d world train-recon`
+    "gen3d/shapes-tgs": Path(__file__).resolve().parents[1] / "assets" / "shapes-tgs",
+}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 """DINOv2's input normalization (its pretrained weights expect it)."""
@@ -187,6 +195,15 @@ class TGSConfig:
                  "triplane_layers": 10, "norm_groups": 32, "num_points": 2048, "up_factors": (2, 4),
                  "up_hidden": 128, "triplane_resolution": 32, "triplane_channels": 80, "pointnet_hidden": 512,
                  "mlp_hidden": 64, "sh_degree": 3}
+        return cls(**{**sizes, **overrides})
+
+    @classmethod
+    def small(cls, **overrides) -> TGSConfig:
+        """The embedded model's size (``gen3d/shapes-tgs``): 64-pixel images in 64 patches, 128-wide ViT and
+        decoders of 3-4 layers, 256 -> 2048 Gaussians, 16^2 x 32 output planes."""
+        sizes = {"image_size": 64, "image_width": 128, "image_layers": 4, "image_heads": 4, "width": 128, "heads": 4,
+                 "head_dim": 32, "point_layers": 3, "triplane_layers": 3, "num_points": 256, "up_factors": (2, 4),
+                 "up_hidden": 64, "triplane_channels": 32, "pointnet_hidden": 64, "mlp_hidden": 64}
         return cls(**{**sizes, **overrides})
 
     @classmethod
@@ -613,3 +630,61 @@ def count_parameters(cfg: TGSConfig) -> int:
     """Number of parameters of `TGS(cfg)`, built on the meta device (no memory, no initialization cost)."""
     with torch.device("meta"):
         return sum(p.numel() for p in TGS(cfg).parameters())
+
+
+# ------------------------------------------------------------------------------------- loading and use
+
+
+def load_tgs(model: str | Path = "gen3d/shapes-tgs", device: str | torch.device = "cpu") -> TGS:
+    """A trained `TGS` in eval mode: the embedded ``gen3d/shapes-tgs`` or a folder holding ``model.safetensors``
+    and ``config.json`` (its `TGSConfig`), as `gen3d world train-recon` exports it."""
+    from safetensors.torch import load_file
+
+    folder = EMBEDDED_TGS.get(str(model), Path(model))
+    missing = [name for name in ("config.json", "model.safetensors") if not (folder / name).is_file()]
+    if missing:
+        raise PriorNotAvailable(
+            f"TGS model '{model}' not found ({folder} has no {' or '.join(missing)}): pass a folder written by "
+            "`gen3d world train-recon output=FOLDER`, or the embedded gen3d/shapes-tgs (offline, CPU). The paper's "
+            "released checkpoint has another layout and is not read.")
+    try:
+        cfg = TGSConfig(**json.loads((folder / "config.json").read_text()))
+    except (TypeError, ValueError) as exc:
+        raise Gen3dError(f"TGS model '{model}': config.json is not a TGSConfig ({str(exc)[:200]}); re-export it with "
+                         "`gen3d world train-recon`") from None
+    net = TGS(cfg)
+    try:
+        net.load_state_dict(load_file(str(folder / "model.safetensors")))  # float16 weights are cast to float32
+    except (RuntimeError, OSError) as exc:
+        raise Gen3dError(f"TGS model '{model}': model.safetensors does not fit its config.json "
+                         f"({type(exc).__name__}: {str(exc)[:200]})") from None
+    return net.to(device).eval()
+
+
+def prepare_input(rgb: Tensor, mask: Tensor, camera: Cameras, size: int) -> tuple[Tensor, Cameras]:
+    """A view (rgb [H, W, 3] on white, mask [H, W] or [H, W, 1], its one camera) as the model's input:
+    ``[1, size, size, 4]`` (area-averaged, as the training renders) and the camera resized with it."""
+    rgba = torch.cat([rgb, mask.reshape(*mask.shape[:2], 1)], -1).permute(2, 0, 1)[None].float()  # [1, 4, H, W]
+    if rgba.shape[-1] != size or rgba.shape[-2] != size:
+        rgba = F.interpolate(rgba, size=(size, size), mode="area")
+    return rgba.permute(0, 2, 3, 1).clamp(0, 1), camera.resized(size, size)
+
+
+@torch.no_grad()
+def reconstruct(net: TGS, rgb: Tensor, mask: Tensor, camera: Cameras,
+                gaussian_cfg: GaussianConfig | None = None) -> tuple[GaussianModel, float]:
+    """One view -> a trainable `GaussianModel` and the seconds the network took (input preparation and
+    forward pass). With `gaussian_cfg`, the model takes its learning rates and its SH degree: higher
+    bands than the network decodes start at 0, bands above the config's degree are dropped."""
+    device = next(net.parameters()).device
+    t0 = time.perf_counter()
+    image, cams = prepare_input(rgb.to(device), mask.to(device), camera.to(device), net.cfg.image_size)
+    out = net(image, cams)
+    seconds = time.perf_counter() - t0
+    sh = out.sh[0]  # [N, K, 3]
+    if gaussian_cfg is not None:
+        K = num_sh_bases(gaussian_cfg.sh_degree)
+        sh = F.pad(sh, (0, 0, 0, max(K - sh.shape[1], 0)))[:, :K]
+    model = GaussianModel.from_tensors(out.means[0], out.log_scales[0], out.quats[0], out.opacity_logits[0], sh,
+                                       cfg=gaussian_cfg)
+    return model, seconds

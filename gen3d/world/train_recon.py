@@ -5,7 +5,9 @@ their exact surfaces, cached in `work_dir`. A training example is one object, on
 `target_views` other views of it. The loss follows TGS (Zou et al. 2024): the Chamfer distance of the
 point decoder's coarse points and of the upsampled points to the surface points, plus the MSE of
 renders of the decoded Gaussians (on white) against the target views' RGB and of their alpha against
-the target masks.
+the target masks. One term is added to TGS's: the MSE of each Gaussian's color against the shaded color
+of the surface point nearest to its point (`lambda_color`; without it, a tiny model trained for a few
+thousand CPU steps kept gray Gaussians).
 
 Everything is drawn from generators seeded by `seed` (model initialization) and (seed, rank) (the
 batches), and checkpoints hold the model, the optimizer, the step and every rank's generator, so a
@@ -36,33 +38,34 @@ from tqdm.auto import tqdm
 
 from gen3d.cameras import Cameras
 from gen3d.models.tgs import TGS, TGSConfig
+from gen3d.ops.sh import sh_to_rgb
 
-MODEL_SIZES = ("tiny",)
+MODEL_SIZES = ("tiny", "small")
 
 
 @dataclass
 class ReconTrainConfig:
-    """Training of the TGS reconstructor on the Shapes world (defaults: a CPU run of the tiny model)."""
+    """Training of the TGS reconstructor on the Shapes world (defaults: the embedded gen3d/shapes-tgs)."""
 
-    model: str = "tiny"
-    """Model size: a `TGSConfig` constructor name (only "tiny" for now)."""
+    model: str = "small"
+    """Model size: a `TGSConfig` constructor name, tiny or small (the embedded model)."""
     objects: int = 0
     """Train on the first N of `training_objects()` (0: all)."""
-    views: int = 8
+    views: int = 12
     """Rendered views per object (input and target views are drawn among them)."""
-    size: int = 32
+    size: int = 64
     """Image size of the renders (inputs and targets)."""
     points: int = 2048
     """Surface points per object (the Chamfer target)."""
-    steps: int = 2000
+    steps: int = 8000
     """Optimization steps."""
     batch_size: int = 4
     """Examples per step and per process."""
     target_views: int = 2
     """Views each example's Gaussians are rendered from and compared with."""
-    lr: float = 3e-4
+    lr: float = 6e-4
     """Peak AdamW learning rate: linear warm-up over `warmup` steps, then cosine decay to 10% at `steps`."""
-    warmup: int = 100
+    warmup: int = 200
     """Warm-up steps."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
@@ -76,21 +79,26 @@ class ReconTrainConfig:
     """Weight of the MSE of the rendered RGB (on white) against the target views."""
     lambda_mask: float = 1.0
     """Weight of the MSE of the rendered alpha against the target masks."""
+    lambda_color: float = 1.0
+    """Weight of the MSE of each Gaussian's color against the shaded color of the surface point nearest
+    to its point (not in TGS: a dense color signal that renders at low resolution give only weakly)."""
     backend: str = "auto"
     """Gaussian rasterizer backend (`render_gaussians`); "torch" needs no compilation."""
     checkpoint_every: int = 250
     """Write a resumable checkpoint every this many steps (and always at the end)."""
-    sample_every: int = 500
+    sample_every: int = 1000
     """Write a validation grid every this many steps (0: never)."""
     output: str = "outputs/world/tgs"
     """Folder the trained model is exported to (model.safetensors + config.json)."""
+    export_dtype: str = "float16"
+    """Precision of the exported weights: float16 (half the size; `load_tgs` computes in float32) or float32."""
     work_dir: str = "outputs/world/train-recon"
     """Data cache, checkpoints, validation grids and the training log."""
     seed: int = 0
     """Seed of the data, the initialization and the batches (rank r draws from (seed, r))."""
     progress: bool = True
     """Show a progress bar (rank 0 only)."""
-    threads: int = 1
+    threads: int = 2
     """torch CPU threads per process (0: torch's default)."""
 
     def __post_init__(self) -> None:
@@ -107,16 +115,19 @@ class ReconTrainConfig:
         if not self.lr > 0:
             raise ValueError(f"ReconTrainConfig.lr must be > 0, got {self.lr}")
         for name in ("weight_decay", "grad_clip", "lambda_chamfer_coarse", "lambda_chamfer", "lambda_rgb",
-                     "lambda_mask"):
+                     "lambda_mask", "lambda_color"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"ReconTrainConfig.{name} must be a finite number >= 0, got {value!r}")
-        if not (self.lambda_chamfer_coarse or self.lambda_chamfer or self.lambda_rgb or self.lambda_mask):
+        if not (self.lambda_chamfer_coarse or self.lambda_chamfer or self.lambda_rgb or self.lambda_mask
+                or self.lambda_color):
             raise ValueError("ReconTrainConfig: at least one loss weight must be > 0")
         if not self.work_dir:
             raise ValueError("ReconTrainConfig.work_dir must be set")
         if not self.output:
             raise ValueError("ReconTrainConfig.output must be set")
+        if self.export_dtype not in ("float16", "float32"):
+            raise ValueError(f"ReconTrainConfig.export_dtype must be float16 or float32, got {self.export_dtype!r}")
 
     def tgs_config(self) -> TGSConfig:
         return getattr(TGSConfig, self.model)()
@@ -198,6 +209,7 @@ class ReconTrainer:
             "image": torch.cat([d.rgb[objects, inputs], d.alpha[objects, inputs]], -1),  # [B, S, S, 4]
             "cameras": self._cameras(objects, inputs),
             "points": d.points[objects],  # [B, P, 3]
+            "point_colors": d.lit[objects],  # [B, P, 3]
             "target_rgb": d.rgb[objects[:, None], targets],  # [B, T, S, S, 3]
             "target_alpha": d.alpha[objects[:, None], targets],  # [B, T, S, S, 1]
             "target_cameras": [self._cameras(objects[b].expand(targets.shape[1]), targets[b])
@@ -224,13 +236,14 @@ class ReconTrainer:
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         """The weighted loss and its terms (see the module docstring)."""
-        from gen3d.world.recon_data import chamfer_distance
+        from gen3d.world.recon_data import chamfer_distance, nearest_indices
 
         cfg = self.cfg
         out = self.net(batch["image"], batch["cameras"])
+        nearest, nearest_back = nearest_indices(out.points, batch["points"])  # [B, N], [B, P]
         terms = {
             "chamfer_coarse": chamfer_distance(out.coarse_points, batch["points"]).mean(),
-            "chamfer": chamfer_distance(out.points, batch["points"]).mean(),
+            "chamfer": chamfer_distance(out.points, batch["points"], indices=(nearest, nearest_back)).mean(),
         }
         rgb, alpha = [], []
         for b, cams in enumerate(batch["target_cameras"]):
@@ -239,8 +252,10 @@ class ReconTrainer:
             alpha.append(F.mse_loss(r.alpha, batch["target_alpha"][b]))
         terms["rgb"] = torch.stack(rgb).mean()
         terms["mask"] = torch.stack(alpha).mean()
+        target = torch.gather(batch["point_colors"], 1, nearest[..., None].expand(-1, -1, 3))  # [B, N, 3]
+        terms["color"] = F.mse_loss(sh_to_rgb(out.sh[:, :, 0]), target)
         total = (cfg.lambda_chamfer_coarse * terms["chamfer_coarse"] + cfg.lambda_chamfer * terms["chamfer"]
-                 + cfg.lambda_rgb * terms["rgb"] + cfg.lambda_mask * terms["mask"])
+                 + cfg.lambda_rgb * terms["rgb"] + cfg.lambda_mask * terms["mask"] + cfg.lambda_color * terms["color"])
         return total, {k: v.item() for k, v in terms.items()}
 
     def lr_at(self, step: int) -> float:
@@ -371,7 +386,8 @@ class ReconTrainer:
         return path
 
     def export(self) -> Path:
-        """Write `model.safetensors` and `config.json` (the `TGSConfig`) into `output`, as a whole (rank 0)."""
+        """Write `model.safetensors` and `config.json` (the `TGSConfig`) into `output`, as a whole (rank 0); `load_tgs`
+        reads it."""
         out = Path(self.cfg.output)
         if self.rank != 0:
             return out
@@ -380,20 +396,12 @@ class ReconTrainer:
         from gen3d.io import atomic_folder
 
         with atomic_folder(out) as tmp:
-            state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
+            dtype = getattr(torch, self.cfg.export_dtype)
+            state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+                     for k, v in self.model.state_dict().items()}
             save_file(state, str(tmp / "model.safetensors"))
             (tmp / "config.json").write_text(json.dumps(asdict(self.model.cfg), indent=2))
         return out
-
-
-def load_tgs(folder: str | Path) -> TGS:
-    """A `TGS` from an `export()` folder (model.safetensors + config.json), in eval mode."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    model = TGS(TGSConfig(**json.loads((folder / "config.json").read_text())))
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    return model.eval()
 
 
 # ---- several processes -------------------------------------------------------------------------------

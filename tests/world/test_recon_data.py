@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gen3d.world.catalog import WorldObject
-from gen3d.world.recon_data import build_recon_set, chamfer_distance
+from gen3d.world.recon_data import build_recon_set, chamfer_distance, nearest_indices
 from gen3d.world.render import render_object
 
 OBJECTS = [WorldObject("mug", "red"), WorldObject("torus", "teal")]
@@ -59,7 +59,22 @@ def test_chamfer_distance():
     assert torch.allclose(chamfer_distance(a, far), expected, rtol=1e-4)
     assert torch.allclose(chamfer_distance(a, far, chunk=7), chamfer_distance(a, far))
     b = torch.rand(2, 100, 3, generator=g, requires_grad=True)
-    chamfer_distance(b, a).sum().backward()
+    chamfer_distance(b, a, chunk=33).sum().backward()
     assert torch.isfinite(b.grad).all() and b.grad.abs().sum() > 0
+    # the same gradient as differentiating the brute-force minima (matched pairs only)
+    b2 = b.detach().clone().requires_grad_(True)
+    d = (b2[:, :, None] - a[:, None]).square().sum(-1)  # [B, 100, 300]
+    (d.min(2).values.mean(1) + d.min(1).values.mean(1)).sum().backward()
+    assert torch.allclose(b.grad, b2.grad, atol=1e-6)
     with pytest.raises(ValueError, match="expected"):
         chamfer_distance(a, a[0])
+
+
+def test_nearest_indices_match_brute_force():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.rand(2, 50, 3, generator=g), torch.rand(2, 70, 3, generator=g)
+    a_to_b, b_to_a = nearest_indices(a, b, chunk=16)
+    d = torch.cdist(a, b)  # [2, 50, 70]
+    assert torch.allclose(d.gather(2, a_to_b[..., None])[..., 0], d.min(2).values, atol=1e-6)
+    assert torch.allclose(d.gather(1, b_to_a[:, None])[:, 0], d.min(1).values, atol=1e-6)
+    assert a_to_b.shape == (2, 50) and b_to_a.shape == (2, 70)

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from gen3d.models.tgs import TGS
-from gen3d.world.train_recon import ReconTrainConfig, ReconTrainer, load_tgs, parameter_checksum, run_distributed
+from gen3d.models.tgs import TGS, load_tgs
+from gen3d.world.train_recon import ReconTrainConfig, ReconTrainer, parameter_checksum, run_distributed
 
 
 def small(tmp_path, **overrides) -> ReconTrainConfig:
-    args = dict(objects=2, views=4, size=16, points=256, steps=6, batch_size=2, target_views=2, warmup=2,
+    args = dict(model="tiny", objects=2, views=4, size=16, points=256, steps=6, batch_size=2, target_views=2, warmup=2,
                 backend="torch", checkpoint_every=3, sample_every=0, progress=False, threads=1, seed=3,
                 work_dir=str(tmp_path / "work"), output=str(tmp_path / "out"))
     return ReconTrainConfig(**{**args, **overrides})
@@ -63,7 +63,7 @@ def test_resume_continues_bit_for_bit(tmp_path):
 
 
 def test_export_reloads_to_the_same_outputs(tmp_path):
-    trainer = ReconTrainer(small(tmp_path, steps=2))
+    trainer = ReconTrainer(small(tmp_path, steps=2, export_dtype="float32"))
     out = trainer.fit()
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     assert json.loads((out / "config.json").read_text())["num_points"] == trainer.model.cfg.num_points
@@ -78,8 +78,23 @@ def test_export_reloads_to_the_same_outputs(tmp_path):
         assert torch.equal(getattr(want, name), getattr(got, name)), name
 
 
+def test_float16_export_is_half_the_size_and_loads_in_float32(tmp_path):
+    from safetensors.torch import load_file
+
+    trainer = ReconTrainer(small(tmp_path, steps=1))  # export_dtype defaults to float16
+    out = trainer.fit()
+    stored = load_file(str(out / "model.safetensors"))
+    assert all(v.dtype == torch.float16 for v in stored.values() if v.is_floating_point())
+    full = sum(v.numel() * v.element_size() for v in trainer.model.state_dict().values())
+    assert (out / "model.safetensors").stat().st_size < 0.55 * full
+    loaded = load_tgs(out)
+    for name, value in loaded.state_dict().items():
+        assert value.dtype == torch.float32
+        assert torch.equal(value, trainer.model.state_dict()[name].half().float()), name
+
+
 def test_two_processes_with_gloo_agree(tmp_path):
-    cfg = small(tmp_path, steps=3, checkpoint_every=100)
+    cfg = small(tmp_path, steps=3, checkpoint_every=100, export_dtype="float32")
     torch.manual_seed(cfg.seed)
     initial = parameter_checksum(TGS(cfg.tgs_config()))
     sums = run_distributed(cfg, 2, timeout=120)
@@ -103,7 +118,9 @@ def test_two_processes_with_gloo_agree(tmp_path):
     (dict(batch_size=0), "batch_size"),
     (dict(lr=0.0), "lr"),
     (dict(lambda_rgb=-1.0), "lambda_rgb"),
-    (dict(lambda_chamfer_coarse=0, lambda_chamfer=0, lambda_rgb=0, lambda_mask=0), "loss weight"),
+    (dict(lambda_chamfer_coarse=0, lambda_chamfer=0, lambda_rgb=0, lambda_mask=0, lambda_color=0), "loss weight"),
+    (dict(lambda_color=float("nan")), "lambda_color"),
+    (dict(export_dtype="bfloat16"), "export_dtype"),
     (dict(checkpoint_every=0), "checkpoint_every"),
     (dict(size=4), "size"),
     (dict(work_dir=""), "work_dir"),

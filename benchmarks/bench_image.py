@@ -16,10 +16,15 @@ its framing and the result is in the ground truth's frame). Scores against the g
 Methods (``--methods``): ``zero123`` (the `image-to-3d` preset: Gaussians, Zero123 SDS + reference
 losses), ``reference-only`` (the same with lambda_zero123=0: what the view prior adds), ``magic123``
 (the `magic123` preset: a hash-grid field with joint text + Zero123 guidance; the prompt is the
-object's caption).
+object's caption), ``tgs`` (the shipped feed-forward reconstructor alone, `gen3d reconstruct`: its
+seconds are the forward pass) and ``tgs+zero123`` (the `image-to-3d` preset started from it, init=tgs).
+With ``--mesh``, each result's surface (`System.mesh`, the export's automatic iso-level) is also scored
+against the exact surface: Chamfer distance (mean of both directions, world units), normal consistency
+and F-score at 0.01 (`gen3d.world.metrics.mesh_distance`).
 
     python benchmarks/bench_image.py                         # zero123 and reference-only on the 5 held-out objects
     python benchmarks/bench_image.py --methods magic123      # the field recipe (slower)
+    python benchmarks/bench_image.py --methods tgs tgs+zero123 zero123 --mesh   # feed-forward vs optimization
     python benchmarks/bench_image.py --quick                 # one object, 10 steps (smoke test)
     python benchmarks/bench_image.py --figure docs/image_to_3d.png   # and the renders, one row per object
 
@@ -46,7 +51,8 @@ from gen3d.world.render import render_object
 
 INPUT_CAMERA = {"azimuth": 0.0, "elevation": 15.0, "distance": 1.9, "fovy": 40.0}
 METHODS = {"zero123": ("image-to-3d", []), "reference-only": ("image-to-3d", ["lambda_zero123=0"]),
-           "magic123": ("magic123", [])}
+           "magic123": ("magic123", []), "tgs": ("image-to-3d", ["init=tgs"]),
+           "tgs+zero123": ("image-to-3d", ["init=tgs"])}
 
 
 def input_image(obj, path: Path, size: int = 256) -> Path:
@@ -101,17 +107,28 @@ def run(method: str, obj, image: Path, args, out_dir: Path) -> dict:
     run_dir = new_run_dir(cfg.output_dir, system_cls.name, f"{obj.color}_{obj.shape}")
     write_config(run_dir, cfg)
     system = system_cls(cfg, run_dir)
-    t0 = time.perf_counter()
-    system.fit()
-    seconds = time.perf_counter() - t0
+    if method == "tgs":  # the reconstruction alone: no optimization step
+        system.model = system.reconstruct()
+        seconds, steps = system.recon_seconds, 0
+    else:
+        t0 = time.perf_counter()
+        system.fit()
+        seconds, steps = time.perf_counter() - t0, cfg.max_steps
     query = system.query()
+    extra = {}
+    if args.mesh:
+        from gen3d.world.metrics import ground_truth_mesh, mesh_distance
+
+        d = mesh_distance(system.mesh(), ground_truth_mesh(obj))
+        extra = {"mesh_chamfer": round(d.chamfer, 5), "mesh_normal_consistency": round(d.normal_consistency, 4),
+                 "mesh_f_score": round(d.f_score, 4)}
     if args.figure:
         with torch.no_grad():
             FIGURE.setdefault(str(obj), {})[method] = query.render(figure_cameras()).rgb.clamp(0, 1).cpu()
-    return {"method": method, "object": str(obj), "seconds": round(seconds, 1), "steps": cfg.max_steps,
+    return {"method": method, "object": str(obj), "seconds": round(seconds, 3 if steps == 0 else 1), "steps": steps,
             "iou_3d_aligned": round(float(iou_3d(query, obj, normalize=False, best_over_azimuth=False)), 4),
             "iou_3d_normalized": round(float(iou_3d(query, obj)), 4),
-            **{k: round(v, 4) for k, v in image_scores(query, obj, args.eval_size).items()}}
+            **{k: round(v, 4) for k, v in image_scores(query, obj, args.eval_size).items()}, **extra}
 
 
 FIGURE: dict[str, dict[str, torch.Tensor]] = {}  # object -> method -> renders [4, S, S, 3]
@@ -160,6 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="one object, 10 steps (a smoke test)")
+    p.add_argument("--mesh", action="store_true", help="also score each result's extracted surface against the exact "
+                                                      "one (Chamfer, normal consistency, F-score)")
     p.add_argument("--figure", help="also write a PNG: per object the input, the ground truth and each method from "
                                     "4 views")
     args = p.parse_args(argv)

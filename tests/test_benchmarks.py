@@ -165,9 +165,23 @@ def test_bench_export_quick(capsys):
 
 
 def test_bench_image_quick(capsys):
-    report = load("bench_image").main(["--quick", "--threads", "1"])
+    report = load("bench_image").main(["--quick", "--threads", "1", "--methods", "zero123", "tgs", "--mesh"])
     out = json.loads(capsys.readouterr().out)
     assert out["summary"] == report["summary"]
-    assert set(report["summary"]) == {"zero123", "reference-only"}
+    assert set(report["summary"]) == {"zero123", "tgs"}
     row = report["rows"][0]
     assert 0 <= row["iou_3d_aligned"] <= 1 and row["novel_psnr"] > 5 and -1 <= row["novel_ssim"] <= 1
+    tgs = report["rows"][1]
+    assert tgs["method"] == "tgs" and tgs["steps"] == 0 and tgs["seconds"] < 5 and tgs["novel_psnr"] > 5
+    assert all(0 < r["mesh_chamfer"] < 1 and 0 <= r["mesh_f_score"] <= 1 for r in report["rows"])
+
+
+def test_bench_tgs_quick(capsys):
+    report = load("bench_tgs").main(["--quick", "--threads", "1"])
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(report))
+    assert set(report["summary"]) == {"held_out", "train"}
+    held = report["summary"]["held_out"]
+    assert held["inputs"] == 2 and held["novel_psnr"] > 10 and 0 < held["novel_silhouette_iou"] <= 1
+    assert held["chamfer"] > 0
+    assert report["latency"]["threads_1"]["min_ms"] <= report["latency"]["threads_1"]["median_ms"]
+    assert report["reference"]["steps"] == 5 and report["speedup_vs_reference"] > 0

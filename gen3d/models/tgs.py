@@ -43,7 +43,10 @@ Deliberate simplifications of the paper's model:
 - the point features are averaged into the texel each point falls in (no local pooling around it);
 - the input is resized to `TGSConfig.image_size` (a multiple of the patch size, see `TGSConfig.paper`).
 
-`TGSConfig.paper()` has the paper's sizes and `TGSConfig.tiny()` a CPU-sized model with the same code.
+`TGSConfig.paper()` has the paper's sizes, `TGSConfig.small()` the embedded model's (``gen3d/shapes-tgs``, trained
+by `gen3d world train-recon`) and `TGSConfig.tiny()` a test-sized one, all with the same code. `load_tgs` reads a
+trained model, `reconstruct` turns one view into a trainable `GaussianModel` (what ``gen3d reconstruct`` and
+``init=tgs`` runs use).
 Shapes: images ``[B, H, W, 4]`` in [0, 1], points ``[B, N, 3]`` world units, tokens ``[B, L, D]``.
 """
 

@@ -5,7 +5,8 @@ their exact surfaces, cached in `work_dir`. A training example is one object, on
 `target_views` other views of it. The loss follows TGS (Zou et al. 2024): the Chamfer distance of the
 point decoder's coarse points and of the upsampled points to the surface points, plus the MSE of
 renders of the decoded Gaussians (on white) against the target views' RGB and of their alpha against
-the target masks. One term is added to TGS's: the MSE of each Gaussian's color against the shaded color
+the target masks. Each example's world is scaled at random (`scale_range`; images unchanged, cameras and
+points scaled), so that size is read from the image and the camera. One term is added to TGS's: the MSE of each Gaussian's color against the shaded color
 of the surface point nearest to its point (`lambda_color`; without it, a tiny model trained for a few
 thousand CPU steps kept gray Gaussians).
 
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from gen3d.cameras import Cameras
-from gen3d.models.tgs import TGS, TGSConfig
+from gen3d.models.tgs import EMBEDDED_TGS, TGS, TGSConfig
 from gen3d.ops.sh import sh_to_rgb
 
 MODEL_SIZES = ("tiny", "small")
@@ -57,12 +58,17 @@ class ReconTrainConfig:
     """Image size of the renders (inputs and targets)."""
     points: int = 2048
     """Surface points per object (the Chamfer target)."""
-    steps: int = 8000
+    steps: int = 12000
     """Optimization steps."""
     batch_size: int = 4
     """Examples per step and per process."""
     target_views: int = 2
     """Views each example's Gaussians are rendered from and compared with."""
+    scale_range: tuple[float, float] = (0.75, 1.5)
+    """Each example's world is scaled by a log-uniform factor in this range: camera positions and surface points
+    scaled, images unchanged. The model must then read an object's size from its image and camera rather than from
+    its shape, as recentered inputs need (`gen3d reconstruct` scales the object to fill 75% of the view: 0.77-1.5
+    times the Shapes world's own sizes). (1, 1): off."""
     lr: float = 6e-4
     """Peak AdamW learning rate: linear warm-up over `warmup` steps, then cosine decay to 10% at `steps`."""
     warmup: int = 200
@@ -88,8 +94,8 @@ class ReconTrainConfig:
     """Write a resumable checkpoint every this many steps (and always at the end)."""
     sample_every: int = 1000
     """Write a validation grid every this many steps (0: never)."""
-    output: str = "outputs/world/tgs"
-    """Folder the trained model is exported to (model.safetensors + config.json)."""
+    output: str = str(EMBEDDED_TGS["gen3d/shapes-tgs"])
+    """Folder the trained model is exported to (model.safetensors + config.json); default: the embedded model's."""
     export_dtype: str = "float16"
     """Precision of the exported weights: float16 (half the size; `load_tgs` computes in float32) or float32."""
     work_dir: str = "outputs/world/train-recon"
@@ -112,6 +118,10 @@ class ReconTrainConfig:
                 raise ValueError(f"ReconTrainConfig.{name} must be an integer >= {low}, got {value!r}")
         if self.target_views > self.views:
             raise ValueError(f"ReconTrainConfig.target_views ({self.target_views}) must be <= views ({self.views})")
+        self.scale_range = tuple(self.scale_range)
+        if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
+            raise ValueError(f"ReconTrainConfig.scale_range must be (low, high) with 0 < low <= high, got "
+                             f"{list(self.scale_range)}")
         if not self.lr > 0:
             raise ValueError(f"ReconTrainConfig.lr must be > 0, got {self.lr}")
         for name in ("weight_decay", "grad_clip", "lambda_chamfer_coarse", "lambda_chamfer", "lambda_rgb",
@@ -198,26 +208,34 @@ class ReconTrainer:
                   file=sys.stderr)
         return self.data
 
-    def _cameras(self, o: torch.Tensor, v: torch.Tensor) -> Cameras:
+    def _cameras(self, o: torch.Tensor, v: torch.Tensor, scale: torch.Tensor) -> Cameras:
+        """Cameras of objects o and views v (same shape) in a world scaled by `scale` (broadcast to them)."""
         d, s = self.data, self.cfg.size
-        return Cameras(d.c2w[o, v], d.K[o, v], s, s, d.azimuth[o, v], d.elevation[o, v], d.distance[o, v])
+        c2w = d.c2w[o, v].clone()
+        c2w[:, :3, 3] *= scale[..., None]
+        return Cameras(c2w, d.K[o, v], s, s, d.azimuth[o, v], d.elevation[o, v], d.distance[o, v] * scale)
 
-    def make_batch(self, objects: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> dict:
-        """The batch of objects [B], input views [B] and target views [B, T] (indices into the data)."""
+    def make_batch(self, objects: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,
+                   scales: torch.Tensor | None = None) -> dict:
+        """The batch of objects [B], input views [B] and target views [B, T] (indices into the data), each example's
+        world scaled by `scales` [B] (default 1): camera positions and surface points scaled, images unchanged
+        (an object s times larger seen from s times farther looks the same)."""
         d = self.data
+        scales = torch.ones(len(objects)) if scales is None else scales
+        T = targets.shape[1]
         return {
             "image": torch.cat([d.rgb[objects, inputs], d.alpha[objects, inputs]], -1),  # [B, S, S, 4]
-            "cameras": self._cameras(objects, inputs),
-            "points": d.points[objects],  # [B, P, 3]
+            "cameras": self._cameras(objects, inputs, scales),
+            "points": d.points[objects] * scales[:, None, None],  # [B, P, 3]
             "point_colors": d.lit[objects],  # [B, P, 3]
             "target_rgb": d.rgb[objects[:, None], targets],  # [B, T, S, S, 3]
             "target_alpha": d.alpha[objects[:, None], targets],  # [B, T, S, S, 1]
-            "target_cameras": [self._cameras(objects[b].expand(targets.shape[1]), targets[b])
+            "target_cameras": [self._cameras(objects[b].expand(T), targets[b], scales[b].expand(T))
                                 for b in range(len(objects))],
         }
 
     def batch(self) -> dict:
-        """`batch_size` random (object, input view, target views) from this rank's generator."""
+        """`batch_size` random (object, input view, target views, world scale) from this rank's generator."""
         cfg, g = self.cfg, self.generator
         if self.data is None:
             self.build_data()
@@ -225,7 +243,9 @@ class ReconTrainer:
         inputs = torch.randint(0, cfg.views, (cfg.batch_size,), generator=g)
         targets = torch.stack([torch.randperm(cfg.views, generator=g)[: cfg.target_views]
                                for _ in range(cfg.batch_size)])
-        return self.make_batch(objects, inputs, targets)
+        low, high = (math.log(v) for v in cfg.scale_range)
+        scales = torch.exp(low + (high - low) * torch.rand(cfg.batch_size, generator=g))
+        return self.make_batch(objects, inputs, targets, scales)
 
     # ---- loss and optimization ---------------------------------------------------------------------
     def render(self, out, b: int, cameras: Cameras):
@@ -365,11 +385,11 @@ class ReconTrainer:
     # ---- outputs -------------------------------------------------------------------------------------
     @torch.no_grad()
     def write_samples(self, rows: int = 4) -> Path:
-        """Validation grid: per object (the first `rows`), input view 0 | target view 1 | its prediction."""
+        """Validation grid: per object (`rows` spread over the set), input view 0 | target view 1 | its prediction."""
         from gen3d.export.video import image_grid, save_image
 
         n = min(rows, len(self.data))
-        objects = torch.arange(n)
+        objects = torch.linspace(0, len(self.data) - 1, n).round().long()  # spread over the catalog
         inputs = torch.zeros(n, dtype=torch.long)
         targets = torch.full((n, 1), 1 % self.cfg.views, dtype=torch.long)
         batch = self.make_batch(objects, inputs, targets)

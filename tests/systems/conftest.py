@@ -1,3 +1,25 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gen3d.cameras import spherical_cameras
+from gen3d.world.catalog import WorldObject
+from gen3d.world.render import render_object
+
+
+@pytest.fixture(scope="module")
+def mug_png(tmp_path_factory):
+    """A held-out object (the blue mug) seen from elevation 15, as an RGBA PNG."""
+    cams = spherical_cameras(torch.zeros(1), torch.tensor([15.0]), torch.tensor([1.9]), torch.tensor([40.0]), 64, 64)
+    out = render_object(WorldObject("mug", "blue"), cams, supersample=2)
+    rgba = torch.cat([out.rgb[0], out.alpha[0]], -1).numpy()
+    path = tmp_path_factory.mktemp("input") / "blue_mug.png"
+    Image.fromarray((rgba * 255).round().astype(np.uint8), "RGBA").save(path)
+    return path
+
+
+
 def fast_overrides(prior, out, steps=4, system="dreamgaussian"):
     """A run of `system` small enough for a CPU test: a small representation, small renders, every output written."""
     common = [

@@ -62,6 +62,33 @@ def test_resume_continues_bit_for_bit(tmp_path):
     assert torch.equal(full.generator.get_state(), resumed.generator.get_state())
 
 
+def test_scaled_worlds_look_the_same_from_scaled_cameras(tmp_path):
+    """Scale augmentation: surface points project to the same pixels of every view, and the batch draws its scales
+    in scale_range (log-uniform, from the trainer's generator)."""
+    from gen3d.models.tgs import project_points
+
+    trainer = ReconTrainer(small(tmp_path, scale_range=(0.5, 2.0), batch_size=64))
+    trainer.build_data()
+    objects, inputs, targets = torch.tensor([0, 1]), torch.tensor([0, 2]), torch.tensor([[1, 3], [0, 1]])
+    plain = trainer.make_batch(objects, inputs, targets)
+    scaled = trainer.make_batch(objects, inputs, targets, torch.tensor([0.6, 1.7]))
+    assert torch.equal(plain["image"], scaled["image"]) and torch.equal(plain["target_rgb"], scaled["target_rgb"])
+    assert torch.allclose(scaled["points"][1], 1.7 * plain["points"][1])
+    assert torch.allclose(scaled["cameras"].distance, plain["cameras"].distance * torch.tensor([0.6, 1.7]))
+    a, b = plain["cameras"], scaled["cameras"]
+    uv_a, z_a = project_points(plain["points"], a.c2w, a.K)
+    uv_b, z_b = project_points(scaled["points"], b.c2w, b.K)
+    assert torch.allclose(uv_a, uv_b, atol=1e-4) and torch.allclose(z_b, z_a * torch.tensor([0.6, 1.7])[:, None])
+    t = scaled["target_cameras"][1]
+    uv_t, _ = project_points(scaled["points"][1:].expand(2, -1, -1), t.c2w, t.K)
+    uv_p, _ = project_points(plain["points"][1:].expand(2, -1, -1), plain["target_cameras"][1].c2w,
+                             plain["target_cameras"][1].K)
+    assert torch.allclose(uv_t, uv_p, atol=1e-4)
+    distances = trainer.batch()["cameras"].distance  # orbit distances 1.7-2.1 times scales in [0.5, 2]
+    assert distances.min() >= 0.5 * 1.7 - 1e-4 and distances.max() <= 2.0 * 2.1 + 1e-4
+    assert distances.max() / distances.min() > 2  # the range is used
+
+
 def test_export_reloads_to_the_same_outputs(tmp_path):
     trainer = ReconTrainer(small(tmp_path, steps=2, export_dtype="float32"))
     out = trainer.fit()
@@ -133,7 +160,7 @@ def test_config_errors(tmp_path, overrides, match):
 def test_cli_verb_trains_and_exports(tmp_path, capsys):
     from gen3d.cli import main
 
-    args = ["world", "train-recon", "objects=2", "views=4", "size=16", "points=256", "steps=3", "batch_size=2",
+    args = ["world", "train-recon", "model=tiny", "objects=2", "views=4", "size=16", "points=256", "steps=3", "batch_size=2",
             "target_views=2", "warmup=1", "backend=torch", "sample_every=0", "progress=false", "threads=1",
             f"work_dir={tmp_path / 'work'}"]
     assert main([*args, f"output={tmp_path / 'one'}"]) == 0

@@ -179,7 +179,8 @@ def test_bench_image_quick(capsys):
 def test_bench_tgs_quick(capsys):
     report = load("bench_tgs").main(["--quick", "--threads", "1"])
     assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(report))
-    assert set(report["summary"]) == {"held_out", "train"}
+    assert set(report["summary"]) == {"held_out", "train", "held_out_recentered"}
+    assert 0 < report["summary"]["held_out_recentered"]["input_silhouette_iou"] <= 1
     held = report["summary"]["held_out"]
     assert held["inputs"] == 2 and held["novel_psnr"] > 10 and 0 < held["novel_silhouette_iou"] <= 1
     assert held["chamfer"] > 0

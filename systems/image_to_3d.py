@@ -17,7 +17,9 @@ The input camera is at azimuth 0 (the result's front faces +x, gen3d's conventio
 image is read by `gen3d.images.load_reference` (foreground from alpha or a plain background,
 recentered to `fill_ratio`); the prepared view is saved as ``reference.png`` in the run folder.
 Novel views are drawn by the run's `cameras` orbit; renders are over white (the view prior's
-backgrounds). Left out: a monocular depth loss (needs a depth estimator) and Magic123's textual
+backgrounds). With ``init=tgs`` the zero123 recipe starts from the feed-forward reconstruction of the input view
+(`gen3d.models.tgs`, `recon_model`) instead of a random ball; ``gen3d reconstruct`` writes that reconstruction as
+a run at step 0, which `gen3d resume` continues. Left out: a monocular depth loss (needs a depth estimator) and Magic123's textual
 inversion of the prompt.
 """
 

@@ -50,6 +50,13 @@ def test_overrides_are_typed_and_strings_keep_raw_text():
     assert parse_override('prompt=a red mug') == ("prompt", "a red mug", "a red mug")
 
 
+@pytest.mark.parametrize("text, value", [("1e-3", 1e-3), ("2E+2", 200.0), ("-.5e1", -5.0), ("3", 3.0), (".25", 0.25)])
+def test_exponent_numbers_are_numbers(text, value):
+    """YAML 1.1 reads 1e-3 (no dot) as a string; a float field takes it as the number it is."""
+    cfg = from_dict(Outer, apply_overrides(Outer, {}, [f"guidance.guidance_scale={text}", f"clip={text}"]))
+    assert cfg.guidance.guidance_scale == value and cfg.clip == value
+
+
 @pytest.mark.parametrize("override, hint", [
     ("promt=x", "did you mean 'prompt'"),
     ("guidance.guidance_scal=3", "did you mean 'guidance.guidance_scale'"),
@@ -67,6 +74,8 @@ def test_unknown_key_in_yaml_data_suggests_the_closest():
 
 @pytest.mark.parametrize("override, message", [
     ("max_steps=ten", "max_steps: expected an integer"),
+    ("guidance.guidance_scale=1e-3x", "expected a number"),
+    ("guidance.guidance_scale=e5", "expected a number"),
     ("flag=maybe", "flag: expected true or false"),
     ("size=[1]", "size: expected 2 values"),
     ("max_steps=0", "max_steps must be >= 1"),

@@ -186,3 +186,13 @@ def test_bench_tgs_quick(capsys):
     assert held["chamfer"] > 0
     assert report["latency"]["threads_1"]["min_ms"] <= report["latency"]["threads_1"]["median_ms"]
     assert report["reference"]["steps"] == 5 and report["speedup_vs_reference"] > 0
+
+
+def test_bench_latents_quick(capsys):
+    report = load("bench_latents").main(["--quick"])
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(report))
+    assert report["resolution"] == 16 and set(report["summary"]) == {"points", "voxels", "occupancy"}
+    for name, scores in report["summary"].items():
+        assert scores["objects"] == 2 and 0 < scores["chamfer"] < 0.2 and 0 <= scores["f_score"] <= 1, name
+    # at equal size a surface point set is closer to the exact surface than a 16^3 grid
+    assert report["summary"]["points"]["chamfer"] < report["summary"]["occupancy"]["chamfer"]

@@ -394,6 +394,8 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
                              "train the embedded Zero123-style view-conditioned prior"),
         "train-recon": ("gen3d.world.train_recon", "ReconTrainConfig", "ReconTrainer",
                         "train the feed-forward triplane-Gaussian reconstructor (TGS)"),
+        "train-flow": ("gen3d.world.train_flow", "FlowTrainConfig", "FlowTrainer",
+                       "train the text-to-point-set flow teacher of the few-step generator (in progress)"),
     }
     for verb, (module, config_name, trainer_name, text) in trainers.items():
         train = wsub.add_parser(verb, help=text, description=f"{text[0].upper()}{text[1:]}, from a seed; overrides "

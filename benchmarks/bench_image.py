@@ -68,10 +68,19 @@ def input_image(obj, path: Path, size: int = 256) -> Path:
     return path
 
 
-def image_scores(query, obj, size: int) -> dict[str, float]:
-    """PSNR / SSIM / silhouette IoU at the novel views and at the input view."""
+def psnr_ssim(query, obj, cams) -> tuple[float, float]:
+    """Mean PSNR and SSIM (scikit-image, RGB over white) of the query's renders against the ground truth's."""
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+    with torch.no_grad():
+        mine, truth = query.render(cams), render_object(obj, cams, supersample=2)
+    a, b = mine.rgb.clamp(0, 1).cpu().numpy(), truth.rgb.numpy()
+    return (float(np.mean([peak_signal_noise_ratio(t, m, data_range=1.0) for m, t in zip(a, b)])),
+            float(np.mean([structural_similarity(t, m, channel_axis=-1, data_range=1.0) for m, t in zip(a, b)])))
+
+
+def image_scores(query, obj, size: int) -> dict[str, float]:
+    """PSNR / SSIM / silhouette IoU at the novel views and at the input view."""
     cams = eval_cameras(size, elevations=(10.0, 40.0), distance=INPUT_CAMERA["distance"], fovy=INPUT_CAMERA["fovy"])
     novel = (cams.azimuth != 0).nonzero().squeeze(1)
     one = lambda v: torch.tensor([float(v)])  # noqa: E731
@@ -79,12 +88,7 @@ def image_scores(query, obj, size: int) -> dict[str, float]:
     front = spherical_cameras(one(c["azimuth"]), one(c["elevation"]), one(c["distance"]), one(c["fovy"]), size, size)
     scores = {}
     for name, views in (("novel", cams[novel]), ("input_view", front)):
-        with torch.no_grad():
-            mine, truth = query.render(views), render_object(obj, views, supersample=2)
-        a, b = mine.rgb.clamp(0, 1).cpu().numpy(), truth.rgb.numpy()
-        scores[f"{name}_psnr"] = float(np.mean([peak_signal_noise_ratio(t, m, data_range=1.0) for m, t in zip(a, b)]))
-        scores[f"{name}_ssim"] = float(np.mean([structural_similarity(t, m, channel_axis=-1, data_range=1.0)
-                                                for m, t in zip(a, b)]))
+        scores[f"{name}_psnr"], scores[f"{name}_ssim"] = psnr_ssim(query, obj, views)
         scores[f"{name}_silhouette_iou"] = float(silhouette_iou(query, obj, views))
     return scores
 

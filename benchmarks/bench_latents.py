@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from gen3d.world.catalog import training_objects
-from gen3d.world.metrics import ground_truth_mesh, point_to_mesh
+from gen3d.world.metrics import ground_truth_mesh, point_to_mesh, voxel_centers
 from gen3d.world.render import sdf_normals, shade
 
 
@@ -68,11 +68,6 @@ def encode_points(obj, truth, budget: int, seed: int):
     return points, lit_colors(obj, points)
 
 
-def grid(resolution: int, bound: float = 1.0) -> torch.Tensor:
-    c = (torch.arange(resolution) + 0.5) / resolution * 2 * bound - bound
-    return torch.stack(torch.meshgrid(c, c, c, indexing="ij"), -1)  # [R, R, R, 3]
-
-
 def decode_grid(values: np.ndarray, level: float, resolution: int, obj, bound: float = 1.0):
     """Marching cubes of a cell-centered grid -> surface samples and their colors (from the object's color field
     sampled on the grid, trilinearly)."""
@@ -97,7 +92,7 @@ def color_grid_lookup(obj, points: np.ndarray, resolution: int, bound: float) ->
     """The object's shaded colors stored at cell centers, read back trilinearly at `points`."""
     import torch.nn.functional as F
 
-    cells = grid(resolution, bound).reshape(-1, 3)
+    cells = voxel_centers(resolution, bound)
     # the color of a cell: of its center pushed to the surface along the SDF gradient
     n = sdf_normals(obj.sdf, cells)
     on_surface = cells - obj.sdf(cells)[:, None] * n
@@ -114,7 +109,7 @@ def run(obj, budget: int, seed: int) -> dict:
     row = {"object": str(obj), "resolution": resolution}
     points, colors = encode_points(obj, truth, budget, seed)
     row["points"] = surface_scores(points, colors, obj, truth)
-    sdf = obj.sdf(grid(resolution).reshape(-1, 3)).reshape((resolution,) * 3).numpy()
+    sdf = obj.sdf(voxel_centers(resolution, 1.0)).reshape((resolution,) * 3).numpy()
     for name, values, level in (("voxels", sdf, 0.0), ("occupancy", (sdf < 0).astype(np.float32), 0.5)):
         decoded = decode_grid(values, level, resolution, obj)
         row[name] = surface_scores(*decoded, obj, truth) if decoded is not None else None

@@ -44,12 +44,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_image import input_image  # noqa: E402
+from bench_image import input_image, psnr_ssim  # noqa: E402
 
 from gen3d.cameras import spherical_cameras  # noqa: E402
 from gen3d.models.tgs import load_tgs, prepare_input, reconstruct  # noqa: E402
@@ -79,16 +78,6 @@ def novel_cameras(azimuth: float, size: int):
     el = torch.tensor([10.0] * 7 + [40.0] * 7)
     n = len(az)
     return spherical_cameras(az, el, torch.full((n,), DISTANCE), torch.full((n,), FOVY), size, size)
-
-
-def psnr_ssim(query, obj, cams) -> tuple[float, float]:
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-
-    with torch.no_grad():
-        mine, truth = query.render(cams).rgb.clamp(0, 1).numpy(), render_object(obj, cams, supersample=2).rgb.numpy()
-    psnr = np.mean([peak_signal_noise_ratio(t, m, data_range=1.0) for m, t in zip(mine, truth)])
-    ssim = np.mean([structural_similarity(t, m, channel_axis=-1, data_range=1.0) for m, t in zip(mine, truth)])
-    return float(psnr), float(ssim)
 
 
 def score(model, obj, azimuth: float, surface: torch.Tensor, eval_size: int) -> dict[str, float]:

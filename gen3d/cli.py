@@ -163,9 +163,6 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         cfg.exports = ["splat-ply"]
     if args.mesh and "glb" not in cfg.exports:
         cfg.exports = [*cfg.exports, "glb"]
-    if not Path(args.image).is_file():  # before a run folder is made for it
-        raise Gen3dError(f"input image '{args.image}' does not exist" if not Path(args.image).exists() else
-                         f"input image '{args.image}' is a folder, not an image file")
     run_dir = new_run_dir(cfg.output_dir, "reconstruct", Path(args.image).stem)
     try:
         write_config(run_dir, cfg)

@@ -126,7 +126,7 @@ def delta_e(rgb1: Tensor, rgb2: Tensor) -> Tensor:
 # 3D
 
 
-def _grid(resolution: int, bound: float) -> Tensor:
+def voxel_centers(resolution: int, bound: float) -> Tensor:
     """Voxel centers [R^3, 3] of a grid over [-bound, bound]^3."""
     x = (torch.arange(resolution, dtype=torch.float32) + 0.5) / resolution * 2 * bound - bound
     return torch.stack(torch.meshgrid(x, x, x, indexing="ij"), -1).reshape(-1, 3)
@@ -172,7 +172,7 @@ def _moments(fn: Callable[[Tensor], Tensor], resolution: int, bound: float, thre
     Jittering each voxel's sample point makes the estimate unbiased; a fixed grid aliases thin parts
     (a 2-voxel-thick chair seat) and biases the center by up to a voxel.
     """
-    grid, h = _grid(resolution, bound), 2 * bound / resolution
+    grid, h = voxel_centers(resolution, bound), 2 * bound / resolution
     g = torch.Generator().manual_seed(0)
     points = torch.cat([grid, *(grid + (torch.rand(grid.shape, generator=g) - 0.5) * h for _ in range(samples))])
     occupied = fn(points).float() > threshold  # the unjittered grid too, so a tiny set is never missed
@@ -208,7 +208,7 @@ def iou_3d(query: Query, obj: WorldObject, resolution: int = 64, threshold: floa
     True -> the best over a full turn (a result facing the wrong way); False -> as is. Rotations
     are about the vertical axis through the ground truth's center, every `azimuth_step` degrees.
     """
-    grid = _grid(resolution, bound)  # [R^3, 3]
+    grid = voxel_centers(resolution, bound)  # [R^3, 3]
     occ_q = _chunked(query.occupancy, grid).float() > threshold  # [R^3]
     if not occ_q.any():
         return 0.0
@@ -454,7 +454,7 @@ def _solid_occupied(query: Query, resolution: int, bound: float, threshold: floa
 
     The same solid reading as `iou_3d(..., solid=True)`, as a function to evaluate anywhere.
     """
-    occ = _chunked(query.occupancy, _grid(resolution, bound)).float().cpu() > threshold  # [R^3]
+    occ = _chunked(query.occupancy, voxel_centers(resolution, bound)).float().cpu() > threshold  # [R^3]
     enclosed = _fill_enclosed(occ, resolution) & ~occ  # [R^3]; never on the border, so clamping below is safe
 
     def occupied(p: Tensor) -> Tensor:
@@ -602,7 +602,7 @@ def seed_diversity(queries: Sequence[Query], resolution: int = 48, threshold: fl
     """
     if len(queries) < 2:
         raise ValueError(f"seed_diversity needs at least 2 queries (one per seed), got {len(queries)}")
-    unit = _grid(resolution, extent)  # [R^3, 3] normalized coordinates
+    unit = voxel_centers(resolution, extent)  # [R^3, 3] normalized coordinates
     azimuths = [i * azimuth_step for i in range(max(1, round(90.0 / azimuth_step)))] if best_over_azimuth else [0.0]
     normalized = []  # per query: its solid occupancy (any points), center [3] and RMS radius
     for q in queries:

@@ -105,9 +105,9 @@ class TextEncoder:
     def __init__(self, model: str = "gen3d/shapes-t2i"):
         from transformers import AutoTokenizer, CLIPTextModel
 
-        from gen3d.world.train_prior import EMBEDDED_T2I
+        from gen3d.priors.diffusion import _locate
 
-        folder = EMBEDDED_T2I if model == "gen3d/shapes-t2i" else Path(model)
+        folder = _locate(model, download=False, cache_dir=None)  # embedded id, folder or cached hub id
         self.tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
         self.encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").eval().requires_grad_(False)
         self.length = min(int(self.tokenizer.model_max_length), 77)

@@ -150,34 +150,77 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_reconstruct(args: argparse.Namespace) -> int:
-    """`gen3d reconstruct IMAGE`: the feed-forward reconstruction as a run folder (an image-to-3d run at step 0)."""
+def _feed_forward_run(system_cls, cfg, kind: str, name: str, make, meta: dict) -> Path:
+    """A run folder at step 0 holding a feed-forward result: config, checkpoint (with a fresh training state, so
+    `gen3d resume` refines it with the recipe's SDS), exports and turntable. `make(system)` returns the model and
+    the seconds it took; the folder is removed when that fails."""
     from gen3d.runs import new_run_dir, save_checkpoint
     from gen3d.systems.base import write_config
 
-    system_cls, cfg = load_run_config(args.config, args.overrides)
-    if system_cls.name != "zero123":
-        raise ConfigError(f"gen3d reconstruct needs an image-to-3d (zero123) config, got system '{system_cls.name}'")
-    cfg.image, cfg.init = args.image, "tgs"
-    if not any(o.startswith("exports=") for o in args.overrides):
-        cfg.exports = ["splat-ply"]
-    if args.mesh and "glb" not in cfg.exports:
-        cfg.exports = [*cfg.exports, "glb"]
-    run_dir = new_run_dir(cfg.output_dir, "reconstruct", Path(args.image).stem)
+    run_dir = new_run_dir(cfg.output_dir, kind, name)
     try:
         write_config(run_dir, cfg)
         system = system_cls(cfg, run_dir)
-        system.model = system.reconstruct()
-        meta = {"system": system.name, "format": "gen3d-checkpoint-1", "max_steps": cfg.max_steps,
-                "reconstructed_by": cfg.recon_model, "seconds": round(system.recon_seconds, 4)}
+        system.model, seconds = make(system)
+        meta = {"system": system.name, "format": "gen3d-checkpoint-1", "max_steps": cfg.max_steps, **meta,
+                "seconds": round(seconds, 4)}
         state = {"training": {}, "generator": system.generator.get_state()}  # SDS refinement starts fresh
         save_checkpoint(run_dir, 0, system.model_tensors(), state, meta, keep=cfg.keep_checkpoints)
         system.finish()
     except Gen3dError:
         shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth keeping was written
         raise
+    return run_dir
+
+
+def _feed_forward_exports(cfg, overrides: list[str], mesh: bool) -> None:
+    if not any(o.startswith("exports=") for o in overrides):
+        cfg.exports = ["splat-ply"]
+    if mesh and "glb" not in cfg.exports:
+        cfg.exports = [*cfg.exports, "glb"]
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    """`gen3d reconstruct IMAGE`: the feed-forward reconstruction as a run folder (an image-to-3d run at step 0)."""
+    system_cls, cfg = load_run_config(args.config, args.overrides)
+    if system_cls.name != "zero123":
+        raise ConfigError(f"gen3d reconstruct needs an image-to-3d (zero123) config, got system '{system_cls.name}'")
+    cfg.image, cfg.init = args.image, "tgs"
+    _feed_forward_exports(cfg, args.overrides, args.mesh)
+
+    def make(system):
+        model = system.reconstruct()
+        return model, system.recon_seconds
+
+    run_dir = _feed_forward_run(system_cls, cfg, "reconstruct", Path(args.image).stem, make,
+                                {"reconstructed_by": cfg.recon_model})
     print(run_dir)
     print(f"refine it with Zero123 SDS: gen3d resume {run_dir}", file=sys.stderr)
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    """`gen3d sample PROMPT [--steps N]`: the few-step generator's sample as a run folder (a dreamgaussian run at
+    step 0)."""
+    system_cls, cfg = load_run_config(args.config, args.overrides)
+    if system_cls.name != "dreamgaussian":
+        raise ConfigError(f"gen3d sample needs a dreamgaussian (text-to-3D Gaussians) config, got system "
+                          f"'{system_cls.name}'")
+    if args.steps is not None and args.steps < 1:
+        raise Gen3dError(f"--steps must be >= 1, got {args.steps}")
+    cfg.prompt, cfg.init = args.prompt, "flow"
+    if args.steps is not None:
+        cfg.flow_steps = args.steps
+    _feed_forward_exports(cfg, args.overrides, args.mesh)
+
+    def make(system):
+        model = system.generate()
+        return model, system.generate_seconds
+
+    run_dir = _feed_forward_run(system_cls, cfg, "sample", args.prompt, make,
+                                {"generated_by": cfg.flow_model, "flow_steps": cfg.flow_steps})
+    print(run_dir)
+    print(f"refine it with SDS: gen3d resume {run_dir}", file=sys.stderr)
     return 0
 
 
@@ -257,10 +300,10 @@ def cmd_world_train(args: argparse.Namespace) -> int:
     if processes < 1:
         raise Gen3dError(f"--processes must be >= 1, got {processes}")
     if processes > 1:  # data-parallel: every process runs the trainer, rank 0 writes
-        from gen3d.world.train_recon import run_distributed
+        from gen3d.world.trainer import run_distributed
 
         try:
-            run_distributed(cfg, processes, resume=args.resume)
+            run_distributed(trainer_cls, cfg, processes, resume=args.resume)
         except KeyboardInterrupt:
             return 130
         print(Path(cfg.output))
@@ -360,6 +403,23 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     recon.add_argument("--config", default="image-to-3d", help="image-to-3d preset or YAML the settings start from")
     recon.set_defaults(func=cmd_reconstruct)
 
+    sample = sub.add_parser(
+        "sample", help="text -> 3D Gaussians in 1-2 network calls (the distilled flow generator), with PLY, turntable "
+        "and optional mesh",
+        description="Generate 3D Gaussians for a prompt with the few-step flow generator (embedded: gen3d/shapes-flow, "
+        "distilled by MDT-dist, 1 step) and write a run folder: export/model.ply (3DGS), video/turntable.mp4 and, "
+        "with --mesh, export/mesh.glb. The folder is a dreamgaussian run at step 0: `gen3d resume RUN` refines it "
+        "with SDS, `gen3d export RUN` and `gen3d view RUN` work on it. seed=N draws another sample; "
+        "flow_model=gen3d/shapes-flow-teacher samples the 25-step teacher.")
+    sample.add_argument("prompt", help='what to generate, e.g. "a red mug"')
+    sample.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dreamgaussian settings, e.g. seed=3 flow_model=FOLDER flow_points=2048 exports=[obj]")
+    sample.add_argument("--steps", type=int, default=None,
+                        help="sampling steps (default: the generator's own, 1 for gen3d/shapes-flow)")
+    sample.add_argument("--mesh", action="store_true", help="also write a textured mesh (export/mesh.glb)")
+    sample.add_argument("--config", default="dreamgaussian", help="dreamgaussian preset or YAML the settings start from")
+    sample.set_defaults(func=cmd_sample)
+
     export = sub.add_parser("export", help="write a run's result as GLB / OBJ / PLY mesh, 3DGS PLY or video")
     export.add_argument("run", help="run folder or @last")
     export.add_argument("overrides", nargs="*", metavar="key=value",
@@ -392,7 +452,9 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
         "train-recon": ("gen3d.world.train_recon", "ReconTrainConfig", "ReconTrainer",
                         "train the feed-forward triplane-Gaussian reconstructor (TGS)"),
         "train-flow": ("gen3d.world.train_flow", "FlowTrainConfig", "FlowTrainer",
-                       "train the text-to-point-set flow teacher of the few-step generator (in progress)"),
+                       "train the text-to-point-set flow teacher of the few-step generator"),
+        "distill-flow": ("gen3d.world.train_flow", "DistillConfig", "DistillTrainer",
+                         "distill the flow teacher into a 1-2-step student (MDT-dist, or the consistency baseline)"),
     }
     for verb, (module, config_name, trainer_name, text) in trainers.items():
         train = wsub.add_parser(verb, help=text, description=f"{text[0].upper()}{text[1:]}, from a seed; overrides "
@@ -400,7 +462,7 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
         train.add_argument("overrides", nargs="*", help="dotted key=value overrides")
         train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in work_dir")
         train.add_argument("--show-config", action="store_true", help="print every setting with its meaning and exit")
-        if verb == "train-recon":
+        if verb not in ("train-prior", "train-view-prior"):
             train.add_argument("--processes", type=int, default=1,
                                help="data-parallel CPU processes (torch.distributed, gloo); or launch with torchrun")
         train.set_defaults(func=cmd_world_train, trainer=(module, config_name, trainer_name))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -60,9 +60,27 @@ class DreamGaussianConfig(TextTo3DConfig):
     """Densify / prune / opacity-reset schedule (3DGS)."""
     cameras: OrbitConfig = field(default_factory=OrbitConfig)
     """Training and evaluation cameras."""
+    init: str = "random"
+    """Initial Gaussians: random (a ball, `gaussians.init_*`) or flow (a sample of the few-step text-to-3D generator
+    `flow_model` for the prompt, which SDS then refines; `gen3d sample` stops there)."""
+    flow_model: str = "gen3d/shapes-flow"
+    """Generator for init=flow: the embedded distilled gen3d/shapes-flow, its teacher gen3d/shapes-flow-teacher, or a
+    folder from `gen3d world train-flow` / `distill-flow`."""
+    flow_steps: int = 0
+    """Sampling steps of init=flow (0: the generator's own, 1 for gen3d/shapes-flow and 25 for its teacher)."""
+    flow_points: int = 0
+    """Points (Gaussians) the generator samples for init=flow (0: as many as it was trained on)."""
+
+    INITS: ClassVar[tuple[str, ...]] = ("random", "flow")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.init not in self.INITS:
+            raise ValueError(f"init must be one of {list(self.INITS)}, got {self.init!r}")
+        for name in ("flow_steps", "flow_points"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+                raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
         if self.background not in BACKGROUNDS:
             raise ValueError(f"background must be one of {list(BACKGROUNDS)}, got {self.background!r}")
         if self.rasterizer not in BACKENDS:
@@ -83,6 +101,7 @@ class DreamGaussian(System):
 
     def setup(self) -> None:
         cfg = self.cfg
+        self._restored = False  # set when a checkpoint's model is loaded
         self.check_inputs()
         init_gen = torch.Generator().manual_seed(cfg.seed)
         self.model = GaussianModel.random_ball(cfg.gaussians, generator=init_gen).to(self.device)
@@ -99,9 +118,34 @@ class DreamGaussian(System):
     def setup_training(self) -> None:
         cfg = self.cfg
         self.setup_guidance()
+        if cfg.init != "random" and not self._restored:  # a checkpoint loaded before training holds the result
+            self.model = self.initial_model()
         self.optimizer = self._optimizer()
         # DreamGaussian's camera extent for the densify thresholds (percent_dense, prune size) is 4.
         self.strategy = DensifyStrategy(cfg.densify, scene_extent=4.0, max_steps=cfg.max_steps, seed=cfg.seed)
+
+    def initial_model(self) -> GaussianModel:
+        """The model the run starts from when `init` is not random: init=flow's generated sample."""
+        return self.generate()
+
+    def generate(self) -> GaussianModel:
+        """The few-step generator's (`gen3d.models.point_flow`) sample for the prompt, as trainable Gaussians with
+        this run's Gaussian settings; its time in `self.generate_seconds`."""
+        import time
+
+        from gen3d.models.point_flow import load_point_flow, to_gaussians
+
+        cfg = self.cfg
+        check_prompt(cfg)
+        generator = load_point_flow(cfg.flow_model)
+        start = time.perf_counter()
+        latent = generator([cfg.prompt], steps=cfg.flow_steps or None, seed=cfg.seed, points=cfg.flow_points or None)
+        self.generate_seconds = time.perf_counter() - start
+        steps = cfg.flow_steps or generator.info.steps
+        model = to_gaussians(latent[0], cfg.gaussians)
+        self.log.info(f"{cfg.flow_model}: {model.num_gaussians} Gaussians for {cfg.prompt!r} in {steps} step"
+                      f"{'s' if steps > 1 else ''}, {self.generate_seconds * 1000:.0f} ms")
+        return model.to(self.device)
 
     def render_size(self, step: int) -> int:
         frac = step / self.cfg.max_steps
@@ -172,6 +216,7 @@ class DreamGaussian(System):
                 raise ValueError(f"'{k}' has per-Gaussian shape {tuple(v.shape[1:])} in the checkpoint but "
                                  f"{tuple(current[k].shape[1:])} here (was gaussians.sh_degree changed?)")
         self.model.load_state_dict({k: v.to(self.device) for k, v in tensors.items()})
+        self._restored = True
         if self._training_ready:  # the optimizer holds the parameters replaced by the resize: point it at the new ones
             self.optimizer = self._optimizer()
 

@@ -26,6 +26,7 @@ inversion of the prompt.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 import torch
 
@@ -37,8 +38,6 @@ from gen3d.rendering.types import RenderOutput
 from gen3d.schedules import Schedule, check_schedule, schedule_value
 from gen3d.systems.dreamfusion import DreamFusion, DreamFusionConfig
 from gen3d.systems.dreamgaussian import DreamGaussian, DreamGaussianConfig
-
-INITS = ("random", "tgs")
 
 
 @dataclass
@@ -163,11 +162,11 @@ class Zero123Config(DreamGaussianConfig, ImageInput):
     recon_model: str = "gen3d/shapes-tgs"
     """Feed-forward reconstructor for init=tgs: the embedded one or a folder from `gen3d world train-recon`."""
 
+    INITS: ClassVar[tuple[str, ...]] = ("random", "tgs")
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_image_input()
-        if self.init not in INITS:
-            raise ValueError(f"init must be one of {list(INITS)}, got {self.init!r}")
 
 
 class Zero123(ImageTo3D, DreamGaussian):
@@ -176,10 +175,6 @@ class Zero123(ImageTo3D, DreamGaussian):
     name = "zero123"
     Config = Zero123Config
     cfg: Zero123Config
-
-    def setup(self) -> None:
-        self._restored = False
-        super().setup()
 
     def check_inputs(self) -> None:
         self.check_image()
@@ -191,11 +186,8 @@ class Zero123(ImageTo3D, DreamGaussian):
             super().setup_guidance()  # the text prior and its guidance too
         self.setup_reference()
 
-    def setup_training(self) -> None:
-        super().setup_training()
-        if self.cfg.init == "tgs" and not self._restored:  # a checkpoint loaded before training holds the result
-            self.model = self.reconstruct()
-            self.optimizer = self._optimizer()
+    def initial_model(self):
+        return self.reconstruct()  # init=tgs
 
     def reconstruct(self):
         """The feed-forward reconstruction (`gen3d.models.tgs`) of the input view from the input camera, as a
@@ -211,10 +203,6 @@ class Zero123(ImageTo3D, DreamGaussian):
         self.log.info(f"TGS ({cfg.recon_model}): {model.num_gaussians} Gaussians from the input view in "
                       f"{seconds * 1000:.0f} ms")
         return model.to(self.device)
-
-    def load_model_tensors(self, tensors):
-        super().load_model_tensors(tensors)
-        self._restored = True
 
     def guide(self, rgb: torch.Tensor, cams: Cameras, step: int) -> GuidanceOutput:
         image = self.zero123_guidance(rgb, cams, step)

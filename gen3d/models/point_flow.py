@@ -18,8 +18,10 @@ Shapes: points ``[B, N, C]``, t ``[B]`` in [0, 1], text ``[B, L, text_dim]``.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -129,3 +131,137 @@ class PointFlowTransformer(nn.Module):
             h = block(h, c, text)
         shift, scale = self.final_modulation(F.silu(c))[:, None].chunk(2, -1)
         return self.output(self.final_norm(h) * (1 + scale) + shift)
+
+
+# ---- the latent ----------------------------------------------------------------------------------------
+def to_latent(points: Tensor, colors: Tensor) -> Tensor:
+    """[.., N, 3] positions and [.., N, 3] colors in [0, 1] -> the latent [.., N, 6]: xyz ‖ 2 rgb - 1."""
+    return torch.cat([points, 2 * colors - 1], -1)
+
+
+def from_latent(latent: Tensor) -> tuple[Tensor, Tensor]:
+    """The latent [.., N, 6] -> (positions, colors clamped to [0, 1])."""
+    return latent[..., :3], ((latent[..., 3:] + 1) / 2).clamp(0, 1)
+
+
+class TextEncoder:
+    """A prior's frozen tokenizer + CLIP text encoder: captions -> hidden states [B, L, D], cached per caption."""
+
+    def __init__(self, model: str = "gen3d/shapes-t2i"):
+        from transformers import AutoTokenizer, CLIPTextModel
+
+        from gen3d.priors.diffusion import _locate
+
+        folder = _locate(model, download=False, cache_dir=None)  # embedded id, folder or cached hub id
+        self.tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+        self.encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").eval().requires_grad_(False)
+        self.length = min(int(self.tokenizer.model_max_length), 77)
+        self.dim = self.encoder.config.hidden_size
+        self.cache: dict[str, Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str]) -> Tensor:
+        missing = [c for c in dict.fromkeys(captions) if c not in self.cache]
+        if missing:
+            ids = self.tokenizer(missing, padding="max_length", max_length=self.length, truncation=True,
+                                 return_tensors="pt").input_ids
+            for caption, hidden in zip(missing, self.encoder(ids)[0]):
+                self.cache[caption] = hidden
+        return torch.stack([self.cache[c] for c in captions])
+
+
+# ---- trained generators ----------------------------------------------------------------------------------
+_ASSETS = Path(__file__).resolve().parents[1] / "assets"
+EMBEDDED_FLOW = {
+    # id -> folder inside the installed package
+    "gen3d/shapes-flow": _ASSETS / "shapes-flow",  # the 1-2-step MDT-dist student (`gen3d world distill-flow`)
+    "gen3d/shapes-flow-teacher": _ASSETS / "shapes-flow-teacher",  # its 25-step teacher (`gen3d world train-flow`)
+}
+
+
+@dataclass
+class GeneratorInfo:
+    """What `latent.json` says about an exported generator."""
+
+    points: int
+    """Points per set it was trained on."""
+    text_encoder: str
+    """Prior whose text encoder embeds its prompts."""
+    steps: int = 25
+    """Default sampling steps (Euler)."""
+    guidance: float = 3.0
+    """Default classifier-free guidance scale w (0 for a distilled student)."""
+    kind: str = "teacher"
+    """teacher (flow matching) or student (distilled; its output is the average velocity to t = 0)."""
+    layout: str = "xyz, 2 rgb - 1"
+    """The latent's channels."""
+
+
+class PointFlowGenerator:
+    """A trained text-to-point-set generator: ``generator(["a red mug"], steps, seed) -> latents [B, N, 6]``.
+
+    Load one with `load_point_flow`. Sampling is `gen3d.models.flow.euler_sample` from noise with the model's
+    default steps and guidance (a distilled student: 1 step, no guidance, ``x0 = eps - u(eps, 1)``). The model
+    has no position embedding, so `points` may differ from the training size.
+    """
+
+    def __init__(self, model: PointFlowTransformer, info: GeneratorInfo, text: TextEncoder | None = None,
+                 name: str = ""):
+        self.model, self.info, self.name = model.eval(), info, name
+        self.text = text if text is not None else TextEncoder(info.text_encoder)
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], steps: int | None = None, guidance: float | None = None, seed: int = 0,
+                 points: int | None = None, rescale_t: float = 1.0) -> Tensor:
+        from gen3d.models.flow import euler_sample
+
+        steps = self.info.steps if steps is None else steps
+        guidance = self.info.guidance if guidance is None else guidance
+        n = self.info.points if points is None else points
+        if steps < 1 or n < 1:
+            raise ValueError(f"PointFlowGenerator: steps and points must be >= 1, got {steps} and {n}")
+        noise = torch.randn(len(prompts), n, self.model.cfg.channels, generator=torch.Generator().manual_seed(seed))
+        return euler_sample(self.model, noise, self.text(list(prompts)), steps=steps, guidance=guidance,
+                            rescale_t=rescale_t)
+
+
+def load_point_flow(model: str | Path = "gen3d/shapes-flow", text: TextEncoder | None = None) -> PointFlowGenerator:
+    """A trained generator: the embedded ``gen3d/shapes-flow`` (distilled, 1-2 steps), ``gen3d/shapes-flow-teacher``
+    (25 steps) or a folder with ``model.safetensors``, ``config.json`` and ``latent.json`` as `gen3d world
+    train-flow` / `distill-flow` export them."""
+    from safetensors.torch import load_file
+
+    from gen3d.errors import Gen3dError, PriorNotAvailable
+
+    folder = EMBEDDED_FLOW.get(str(model), Path(model))
+    missing = [n for n in ("config.json", "model.safetensors", "latent.json") if not (folder / n).is_file()]
+    if missing:
+        raise PriorNotAvailable(
+            f"point-set generator '{model}' not found ({folder} has no {' or '.join(missing)}): pass a folder written "
+            f"by `gen3d world train-flow` or `gen3d world distill-flow`, or the embedded {' / '.join(EMBEDDED_FLOW)} "
+            "(offline, CPU).")
+    try:
+        cfg = PointFlowConfig(**json.loads((folder / "config.json").read_text()))
+        info = GeneratorInfo(**json.loads((folder / "latent.json").read_text()))
+    except (TypeError, ValueError) as exc:
+        raise Gen3dError(f"point-set generator '{model}': config.json or latent.json is not one gen3d writes "
+                         f"({str(exc)[:200]}); re-export it with `gen3d world train-flow`") from None
+    net = PointFlowTransformer(cfg)
+    try:
+        net.load_state_dict(load_file(str(folder / "model.safetensors")))  # float16 weights are cast to float32
+    except (RuntimeError, OSError) as exc:
+        raise Gen3dError(f"point-set generator '{model}': model.safetensors does not fit its config.json "
+                         f"({type(exc).__name__}: {str(exc)[:200]})") from None
+    return PointFlowGenerator(net, info, text, name=str(model))
+
+
+def to_gaussians(latent: Tensor, cfg=None, opacity: float = 0.9, scale: float = 0.7):
+    """A generated set [N, 6] as a `GaussianModel`: one Gaussian per point with its color, isotropic with
+    `scale` x the RMS distance to its 3 nearest neighbours (the gaps between surface points closed), `opacity`;
+    `cfg` (a `GaussianConfig`) gives the SH degree and learning rates of the run it starts."""
+    from gen3d.representations.gaussians import GaussianModel, knn_scales
+
+    if latent.dim() != 2 or latent.shape[-1] != 6:
+        raise ValueError(f"to_gaussians: latent must be [N, 6], got {list(latent.shape)}")
+    points, colors = from_latent(latent.float())
+    return GaussianModel.from_values(points, scale * knn_scales(points), opacity, colors, cfg=cfg)

@@ -13,7 +13,8 @@ from gen3d.world.train_flow import FlowTrainConfig, FlowTrainer, from_latent, to
 
 def small(tmp_path, **overrides) -> FlowTrainConfig:
     args = dict(objects=2, points=64, source_points=128, width=32, layers=1, heads=4, steps=6, batch_size=4,
-                warmup=1, checkpoint_every=3, progress=False, threads=1, seed=3, work_dir=str(tmp_path / "work"),
+                warmup=1, checkpoint_every=3, progress=False, threads=1, seed=3, export_dtype="float32",
+                work_dir=str(tmp_path / "work"),
                 output=str(tmp_path / "out"))
     return FlowTrainConfig(**{**args, **overrides})
 

@@ -20,6 +20,9 @@ dropped); ``seed_spread``: the mean over objects of the standard deviation of th
     python benchmarks/bench_flow.py --student gen3d/shapes-flow --consistency outputs/world/distill-consistency
     python benchmarks/bench_flow.py --quick     # 2 objects, 1 seed, 3 repeats (a smoke test)
 
+``--figure PNG`` also draws, per object (rows), the ground truth and each generator's seed-0 sample as Gaussians
+(columns, in the order of the rows of the JSON), from one camera.
+
 Prints one JSON object.
 """
 
@@ -71,6 +74,27 @@ def score_sample(latent: torch.Tensor, obj, truth, tolerance: float) -> dict[str
     return out
 
 
+def figure_camera(size: int = 96):
+    from gen3d.cameras import spherical_cameras
+
+    one = lambda v: torch.tensor([float(v)])  # noqa: E731
+    return spherical_cameras(one(30), one(20), one(2.3), one(45), size, size)
+
+
+def save_figure(path: Path, objects, columns: list[list[torch.Tensor]]) -> None:
+    """Rows: objects; columns: the ground truth, then each generator's sample rendered as Gaussians."""
+    from gen3d.export.video import image_grid, save_image
+    from gen3d.rendering.gaussian import render_gaussians
+    from gen3d.world.render import render_object
+
+    cam, tiles = figure_camera(), []
+    for i, obj in enumerate(objects):
+        tiles.append(render_object(obj, cam, supersample=2).rgb[0].clamp(0, 1))  # on white
+        for latents in columns:
+            tiles.append(render_gaussians(to_gaussians(latents[i]), cam, torch.ones(1, 3)).rgb[0].clamp(0, 1))
+    save_image(path, image_grid(torch.stack(tiles), nrow=1 + len(columns)))
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", default="gen3d/shapes-flow-teacher")
@@ -83,6 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tolerance", type=float, default=0.02, help="F-score distance")
     parser.add_argument("--guidance", type=float, default=None, help="teacher guidance (default: its own)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--figure", type=Path, default=None, help="also write the samples as a PNG")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
@@ -112,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     ceiling = [score_sample(to_latent(s.points[0], s.lit[0]), o, t, args.tolerance)
                for s, o, t in zip(surfaces, objects, truths)]
     result["ceiling"] = {k: round(statistics.mean(c[k] for c in ceiling), 4) for k in ceiling[0]}
-    teacher_median = None
+    teacher_median, columns = None, []
     for method, gen, steps in rows:
         guidance = (args.guidance if args.guidance is not None else gen.info.guidance) if method == "teacher" else 0.0
         timing = latency(lambda: gen(prompts[:1], steps=steps, guidance=guidance), args.repeats)
@@ -121,6 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
         scored, samples, owners = [], [], []
         for seed in range(args.seeds):
             latents = gen(prompts, steps=steps, guidance=guidance, seed=seed)
+            if seed == 0:
+                columns.append(latents)
             for i, (latent, obj, truth) in enumerate(zip(latents, objects, truths)):
                 s = score_sample(latent, obj, truth, args.tolerance)
                 s.update(object=i, seed=seed, held_out=str(obj) in held)
@@ -141,6 +168,9 @@ def main(argv: list[str] | None = None) -> dict:
         result["rows"].append(row)
         print(json.dumps({k: row[k] for k in ("method", "steps", "median_ms", "chamfer", "f_score", "iou_3d",
                                                "coverage")}), file=sys.stderr, flush=True)
+    if args.figure:
+        save_figure(args.figure, objects, columns)
+        result["figure"] = str(args.figure)
     print(json.dumps(result, indent=2))
     return result
 

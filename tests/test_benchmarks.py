@@ -196,3 +196,15 @@ def test_bench_latents_quick(capsys):
         assert scores["objects"] == 2 and 0 < scores["chamfer"] < 0.2 and 0 <= scores["f_score"] <= 1, name
     # at equal size a surface point set is closer to the exact surface than a 16^3 grid
     assert report["summary"]["points"]["chamfer"] < report["summary"]["occupancy"]["chamfer"]
+
+
+def test_bench_flow_quick(capsys):
+    report = load("bench_flow").main(["--quick", "--threads", "1"])
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(report))
+    rows = {(r["method"], r["steps"]): r for r in report["rows"]}
+    assert set(rows) == {("teacher", 25), ("teacher", 2), ("teacher", 1), ("mdt", 1), ("mdt", 2)}
+    for row in rows.values():
+        assert row["chamfer"] > 0 and 0 <= row["f_score"] <= 1 and 0 <= row["iou_3d"] <= 1
+        assert 0 < row["coverage"] <= 1 and row["min_ms"] <= row["median_ms"]
+    assert rows[("teacher", 25)]["speedup"] == 1.0 and rows[("mdt", 1)]["speedup"] > 1
+    assert report["ceiling"]["chamfer"] < rows[("teacher", 25)]["chamfer"]  # no sample beats the latent itself

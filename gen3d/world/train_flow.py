@@ -211,11 +211,11 @@ class DistillConfig(TrainConfig):
     """Weight of velocity distillation (mdt)."""
     sample_steps: int = 1
     """Steps the export samples with by default (latent.json)."""
-    steps: int = 1500
+    steps: int = 1000
     """Optimization steps."""
     batch_size: int = 8
     """Examples per step and per process."""
-    lr: float = 5e-5
+    lr: float = 2e-4
     """Peak AdamW learning rate: linear warm-up over `warmup` steps, then cosine decay to 10% at `steps`."""
     warmup: int = 50
     """Warm-up steps."""

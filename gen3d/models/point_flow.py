@@ -229,9 +229,8 @@ def load_point_flow(model: str | Path = "gen3d/shapes-flow", text: TextEncoder |
     """A trained generator: the embedded ``gen3d/shapes-flow`` (distilled, 1-2 steps), ``gen3d/shapes-flow-teacher``
     (25 steps) or a folder with ``model.safetensors``, ``config.json`` and ``latent.json`` as `gen3d world
     train-flow` / `distill-flow` export them."""
-    from safetensors.torch import load_file
-
     from gen3d.errors import Gen3dError, PriorNotAvailable
+    from gen3d.models.weights import load_weights
 
     folder = EMBEDDED_FLOW.get(str(model), Path(model))
     missing = [n for n in ("config.json", "model.safetensors", "latent.json") if not (folder / n).is_file()]
@@ -246,12 +245,7 @@ def load_point_flow(model: str | Path = "gen3d/shapes-flow", text: TextEncoder |
     except (TypeError, ValueError) as exc:
         raise Gen3dError(f"point-set generator '{model}': config.json or latent.json is not one gen3d writes "
                          f"({str(exc)[:200]}); re-export it with `gen3d world train-flow`") from None
-    net = PointFlowTransformer(cfg)
-    try:
-        net.load_state_dict(load_file(str(folder / "model.safetensors")))  # float16 weights are cast to float32
-    except (RuntimeError, OSError) as exc:
-        raise Gen3dError(f"point-set generator '{model}': model.safetensors does not fit its config.json "
-                         f"({type(exc).__name__}: {str(exc)[:200]})") from None
+    net = load_weights(PointFlowTransformer(cfg), folder, f"point-set generator '{model}'")
     return PointFlowGenerator(net, info, text, name=str(model))
 
 

@@ -641,8 +641,6 @@ def count_parameters(cfg: TGSConfig) -> int:
 def load_tgs(model: str | Path = "gen3d/shapes-tgs", device: str | torch.device = "cpu") -> TGS:
     """A trained `TGS` in eval mode: the embedded ``gen3d/shapes-tgs`` or a folder holding ``model.safetensors``
     and ``config.json`` (its `TGSConfig`), as `gen3d world train-recon` exports it."""
-    from safetensors.torch import load_file
-
     folder = EMBEDDED_TGS.get(str(model), Path(model))
     missing = [name for name in ("config.json", "model.safetensors") if not (folder / name).is_file()]
     if missing:
@@ -655,13 +653,9 @@ def load_tgs(model: str | Path = "gen3d/shapes-tgs", device: str | torch.device 
     except (TypeError, ValueError) as exc:
         raise Gen3dError(f"TGS model '{model}': config.json is not a TGSConfig ({str(exc)[:200]}); re-export it with "
                          "`gen3d world train-recon`") from None
-    net = TGS(cfg)
-    try:
-        net.load_state_dict(load_file(str(folder / "model.safetensors")))  # float16 weights are cast to float32
-    except (RuntimeError, OSError) as exc:
-        raise Gen3dError(f"TGS model '{model}': model.safetensors does not fit its config.json "
-                         f"({type(exc).__name__}: {str(exc)[:200]})") from None
-    return net.to(device).eval()
+    from gen3d.models.weights import load_weights
+
+    return load_weights(TGS(cfg), folder, f"TGS model '{model}'").to(device).eval()
 
 
 def prepare_input(rgb: Tensor, mask: Tensor, camera: Cameras, size: int) -> tuple[Tensor, Cameras]:

@@ -27,11 +27,12 @@ from pathlib import Path
 
 import torch
 
-from gen3d.models.flow import MDTConfig, consistency_loss, euler_sample, flow_matching_loss, logit_normal_t, mdt_losses
+from gen3d.models.flow import MDTConfig, consistency_loss, flow_matching_loss, logit_normal_t, mdt_losses
 from gen3d.models.point_flow import (
-    _ASSETS,
+    EMBEDDED_FLOW,
     GeneratorInfo,
     PointFlowConfig,
+    PointFlowGenerator,
     PointFlowTransformer,
     TextEncoder,
     from_latent,  # noqa: F401  (re-exported: the latent's two halves)
@@ -105,7 +106,7 @@ class FlowTrainConfig(TrainConfig):
     """Prior whose tokenizer and CLIP text encoder embed the captions: the embedded one or a diffusers folder."""
     sample_guidance: float = 3.0
     """Classifier-free guidance scale the export samples with by default (latent.json)."""
-    output: str = str(_ASSETS / "shapes-flow-teacher")
+    output: str = str(EMBEDDED_FLOW["gen3d/shapes-flow-teacher"])
     """Folder the EMA model is exported to (model.safetensors, config.json, latent.json); default: the embedded
     model's."""
     export_dtype: str = "float16"
@@ -169,8 +170,7 @@ class FlowTrainer(Trainer):
 
     def sample(self, captions: list[str], steps: int = 25, guidance: float = 3.0, seed: int = 0) -> torch.Tensor:
         """Latents [len(captions), points, 6] from the (EMA) model by the Euler sampler with guidance."""
-        noise = torch.randn(len(captions), self.cfg.points, 6, generator=torch.Generator().manual_seed(seed))
-        return euler_sample(self.exported_model().eval(), noise, self.text(captions), steps=steps, guidance=guidance)
+        return PointFlowGenerator(self.exported_model(), self.info(), self.text)(captions, steps, guidance, seed)
 
     def info(self) -> GeneratorInfo:
         return GeneratorInfo(points=self.cfg.points, text_encoder=self.cfg.text_encoder, steps=25,
@@ -221,7 +221,7 @@ class DistillConfig(TrainConfig):
     """Warm-up steps."""
     ema: float = 0.995
     """Decay of the EMA of the student's weights, which is what is exported (0: no EMA)."""
-    output: str = str(_ASSETS / "shapes-flow")
+    output: str = str(EMBEDDED_FLOW["gen3d/shapes-flow"])
     """Folder the student is exported to (model.safetensors, config.json, latent.json); default: the embedded
     model's."""
     export_dtype: str = "float16"
@@ -269,6 +269,9 @@ class DistillTrainer(Trainer):
         self.teacher_info, self.text = teacher.info, teacher.text
         self.teacher = teacher.model.requires_grad_(False).eval()
         self.points = teacher.info.points
+        if self.points > cfg.source_points:
+            raise ValueError(f"DistillConfig.source_points ({cfg.source_points}) must be >= the teacher's points "
+                             f"({self.points})")
         self.mdt = cfg.mdt_config()
         student = copy.deepcopy(self.teacher).requires_grad_(True).train()
         student.null_text.requires_grad_(False)  # never asked for the null condition (no DDP gradient to wait for)
@@ -278,26 +281,20 @@ class DistillTrainer(Trainer):
     def build_data(self) -> None:
         cfg = self.cfg
         self.data = PointSetData(cfg.objects, cfg.source_points, cfg.seed, self.work)
-        if self.points > cfg.source_points:
-            raise ValueError(f"DistillConfig.source_points ({cfg.source_points}) must be >= the teacher's points "
-                             f"({self.points})")
 
     def loss_terms(self) -> tuple[torch.Tensor, dict[str, float]]:
         self.ensure_data()
         x0, captions = self.data.batch(self.cfg.batch_size, self.points, self.generator)
-        text = self.text(captions)
-        null = self.teacher.null(len(captions))
+        text = self.text(captions)  # the teacher's guidance contrasts it with its learned null sequence (cond=None)
         if self.cfg.method == "consistency":
-            loss = consistency_loss(self.net, self.teacher, x0, text, self.mdt, self.generator, null=null,
-                                    target_model=self.model)
+            loss = consistency_loss(self.net, self.teacher, x0, text, self.mdt, self.generator, target_model=self.model)
             return loss, {}
-        out = mdt_losses(self.net, self.teacher, x0, text, self.mdt, self.generator, null=null)
+        out = mdt_losses(self.net, self.teacher, x0, text, self.mdt, self.generator)
         return out["loss"], {k: v.item() for k, v in out.items() if k != "loss"}
 
     def sample(self, captions: list[str], steps: int = 1, seed: int = 0) -> torch.Tensor:
         """Latents [len(captions), points, 6] from the (EMA) student in `steps` Euler steps, no guidance."""
-        noise = torch.randn(len(captions), self.points, 6, generator=torch.Generator().manual_seed(seed))
-        return euler_sample(self.exported_model().eval(), noise, self.text(captions), steps=steps)
+        return PointFlowGenerator(self.exported_model(), self.info(), self.text)(captions, steps, 0.0, seed)
 
     def info(self) -> GeneratorInfo:
         return GeneratorInfo(points=self.points, text_encoder=self.teacher_info.text_encoder,

@@ -14,10 +14,10 @@ Everything is drawn from generators seeded by `seed` (model initialization) and 
 batches), and checkpoints hold the model, the optimizer, the step and every rank's generator, so a
 resumed run continues bit for bit (with the same number of processes and threads).
 
-Distributed: when `torch.distributed` is initialized (``torchrun``, or `run_distributed`, which spawns
+Distributed: when `torch.distributed` is initialized (``torchrun``, or `gen3d.world.trainer.run_distributed`, which spawns
 CPU processes with the gloo backend), the model is wrapped in `DistributedDataParallel`, every rank
 draws its own batches (`batch_size` is per process) and only rank 0 writes files. Under ``torchrun``,
-end each process with `shutdown_distributed()` rather than a bare `destroy_process_group()`.
+end each process with `gen3d.world.trainer.shutdown_distributed()` rather than a bare `destroy_process_group()`.
 """
 
 from __future__ import annotations
@@ -34,14 +34,7 @@ import torch.nn.functional as F
 from gen3d.cameras import Cameras
 from gen3d.models.tgs import EMBEDDED_TGS, TGS, TGSConfig
 from gen3d.ops.sh import sh_to_rgb
-from gen3d.world.trainer import (  # noqa: F401  (re-exported: the TGS tests and scripts use them from here)
-    Trainer,
-    TrainConfig,
-    parameter_checksum,
-    run_distributed as _run_distributed,
-    save_weights,
-    shutdown_distributed,
-)
+from gen3d.world.trainer import Trainer, TrainConfig, save_weights
 
 MODEL_SIZES = ("tiny", "small")
 
@@ -259,10 +252,3 @@ class ReconTrainer(Trainer):
         """Write `model.safetensors` and `config.json` (the `TGSConfig`) into `output`, as a whole; `load_tgs` reads
         it."""
         return save_weights(self.model, Path(self.cfg.output), self.cfg.export_dtype)
-
-
-# ---- several processes -------------------------------------------------------------------------------
-def run_distributed(cfg: ReconTrainConfig, world_size: int, resume: bool = False,
-                    timeout: float | None = None) -> dict[int, str]:
-    """`gen3d.world.trainer.run_distributed` of a `ReconTrainer`: each rank's final parameter checksum."""
-    return _run_distributed(ReconTrainer, cfg, world_size, resume=resume, timeout=timeout)

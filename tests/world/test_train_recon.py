@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from gen3d.models.tgs import TGS, load_tgs
-from gen3d.world.train_recon import ReconTrainConfig, ReconTrainer, parameter_checksum, run_distributed
+from gen3d.world.train_recon import ReconTrainConfig, ReconTrainer
+from gen3d.world.trainer import parameter_checksum, run_distributed
 
 
 def small(tmp_path, **overrides) -> ReconTrainConfig:
@@ -124,7 +125,7 @@ def test_two_processes_with_gloo_agree(tmp_path):
     cfg = small(tmp_path, steps=3, checkpoint_every=100, export_dtype="float32")
     torch.manual_seed(cfg.seed)
     initial = parameter_checksum(TGS(cfg.tgs_config()))
-    sums = run_distributed(cfg, 2, timeout=120)
+    sums = run_distributed(ReconTrainer, cfg, 2, timeout=120)
     assert sorted(sums) == [0, 1]
     assert sums[0] == sums[1]  # DDP kept the ranks identical
     assert sums[0] != initial  # and it trained

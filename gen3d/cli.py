@@ -97,7 +97,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     created = run_dir is None
     if created:
-        image = getattr(cfg, "image", "")
+        image = getattr(cfg, "image", "") or getattr(cfg, "video", "")
         name = getattr(cfg, "prompt", "") or (Path(image).stem if image else "") or system_cls.name
         run_dir = new_run_dir(cfg.output_dir, system_cls.name, name)
     write_config(run_dir, cfg)
@@ -287,7 +287,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_world_train(args: argparse.Namespace) -> int:
-    """`gen3d world train-prior` / `train-view-prior`: one trainer, configured by overrides, resumable."""
+    """`gen3d world train-*` / `distill-flow`: one trainer, configured by overrides, resumable."""
     from gen3d.config import apply_overrides, describe, from_dict
 
     module, config_name, trainer_name = args.trainer
@@ -316,6 +316,22 @@ def cmd_world_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     print(out)
+    return 0
+
+
+def cmd_world_clip(args: argparse.Namespace) -> int:
+    from gen3d.world.animation import MOTIONS, AnimatedObject, save_clip
+    from gen3d.world.catalog import parse_prompt
+
+    obj = parse_prompt(args.prompt)
+    if obj is None:
+        raise Gen3dError(f"'{args.prompt}' names no Shapes-world object; try \"a red mug\" (gen3d world catalog "
+                         "draws the shapes)")
+    if args.motion not in MOTIONS:
+        raise Gen3dError(f"unknown motion '{args.motion}'; choose among {', '.join(MOTIONS)}")
+    if not 2 <= args.frames <= 256 or not 16 <= args.size <= 1024:
+        raise Gen3dError(f"--frames must be in 2..256 and --size in 16..1024, got {args.frames} and {args.size}")
+    print(save_clip(AnimatedObject(obj, args.motion), args.output, frames=args.frames, size=args.size))
     return 0
 
 
@@ -449,6 +465,8 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
                         "train the embedded text-to-image prior (reproduces the shipped weights)"),
         "train-view-prior": ("gen3d.world.train_view_prior", "ViewPriorTrainConfig", "ViewPriorTrainer",
                              "train the embedded Zero123-style view-conditioned prior"),
+        "train-video-prior": ("gen3d.world.train_video_prior", "VideoPriorTrainConfig", "VideoPriorTrainer",
+                              "train the embedded text-to-video prior (4D guidance)"),
         "train-recon": ("gen3d.world.train_recon", "ReconTrainConfig", "ReconTrainer",
                         "train the feed-forward triplane-Gaussian reconstructor (TGS)"),
         "train-flow": ("gen3d.world.train_flow", "FlowTrainConfig", "FlowTrainer",
@@ -462,7 +480,7 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
         train.add_argument("overrides", nargs="*", help="dotted key=value overrides")
         train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in work_dir")
         train.add_argument("--show-config", action="store_true", help="print every setting with its meaning and exit")
-        if verb not in ("train-prior", "train-view-prior"):
+        if verb not in ("train-prior", "train-view-prior", "train-video-prior"):
             train.add_argument("--processes", type=int, default=1,
                                help="data-parallel CPU processes (torch.distributed, gloo); or launch with torchrun")
         train.set_defaults(func=cmd_world_train, trainer=(module, config_name, trainer_name))
@@ -471,6 +489,17 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     catalog.add_argument("--views", type=int, default=4, help="views per shape")
     catalog.add_argument("--size", type=int, default=96, help="pixels per view")
     catalog.set_defaults(func=cmd_world_catalog)
+
+    clip = wsub.add_parser("clip", help="render an animated object as an input video for video-to-4D",
+                           description="Render a Shapes-world object under a known motion from the video-to-4d "
+                                       "preset's input camera, e.g. `gen3d world clip \"a red mug\" --motion bounce`.")
+    clip.add_argument("prompt", help='the object, e.g. "a red mug" (gen3d world catalog shows the shapes)')
+    clip.add_argument("--motion", default="bounce", help="spin, bounce, grow or swing (default bounce)")
+    clip.add_argument("--frames", type=int, default=8, help="frames (default 8)")
+    clip.add_argument("--size", type=int, default=128, help="pixels per side (default 128)")
+    clip.add_argument("--output", default="clip.gif",
+                      help="a .gif / .mp4 over white, or a folder (no suffix) of RGBA frame_000.png ... (default clip.gif)")
+    clip.set_defaults(func=cmd_world_clip)
 
     configs = sub.add_parser("configs", help="list the config presets")
     configs.set_defaults(func=cmd_configs)

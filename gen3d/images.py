@@ -32,7 +32,7 @@ from torch import Tensor
 
 from gen3d.errors import Gen3dError
 
-__all__ = ["ReferenceImage", "load_reference", "prepare_reference"]
+__all__ = ["ReferenceImage", "load_clip", "load_reference", "prepare_clip", "prepare_reference"]
 
 MIN_SIDE = 16
 
@@ -97,10 +97,33 @@ def prepare_reference(image: np.ndarray, size: int = 256, fill_ratio: float = 0.
     recenter=False keeps the image's own framing (for an image whose camera is known): the image is padded
     to a square around its center and resized to `size`, and `fill_ratio` is ignored.
     """
+    _check_sizes(size, fill_ratio)
+    rgb, mask, soft, mask_from = _foreground(image, tolerance, source)
+    return _place(rgb, mask, soft, mask_from, _box(mask), size, fill_ratio, source, recenter)
+
+
+def prepare_clip(images: list[np.ndarray], size: int = 256, fill_ratio: float = 0.85, tolerance: float = 0.1,
+                 source: str = "<array>", recenter: bool = True) -> list[ReferenceImage]:
+    """`prepare_reference` for the frames of a video, all cropped and scaled the same way (the box around the
+    union of their foregrounds), so that the object's motion in the frame is kept."""
+    _check_sizes(size, fill_ratio)
+    parts = [_foreground(im, tolerance, f"{source} frame {i}") for i, im in enumerate(images)]
+    if len({p[0].shape for p in parts}) > 1:
+        raise Gen3dError(f"the frames of '{source}' differ in size; a video's frames must all be the same size")
+    boxes = np.array([_box(p[1]) for p in parts])
+    box = (boxes[:, 0].min(), boxes[:, 1].max(), boxes[:, 2].min(), boxes[:, 3].max())
+    return [_place(*p, box, size, fill_ratio, source, recenter) for p in parts]
+
+
+def _check_sizes(size: int, fill_ratio: float) -> None:
     if not 0.1 <= fill_ratio <= 1.0:
         raise ValueError(f"fill_ratio must be in [0.1, 1], got {fill_ratio}")
     if not MIN_SIDE <= size <= 4096:
         raise ValueError(f"size must be in {MIN_SIDE}..4096 pixels, got {size}")
+
+
+def _foreground(image: np.ndarray, tolerance: float, source: str):
+    """(rgb, mask, soft mask, where the mask came from) of an image float [H, W, 3 or 4] (step 2)."""
     H, W = image.shape[:2]
     rgb = image[..., :3]
     alpha = image[..., 3] if image.shape[-1] == 4 else None
@@ -125,18 +148,27 @@ def prepare_reference(image: np.ndarray, size: int = 256, fill_ratio: float = 0.
         raise Gen3dError(f"no foreground found in '{source}': {count} of its {H * W} pixels differ from the "
                          + ("transparent background" if mask_from == "alpha" else "background color")
                          + "; is the object missing, or the same color as the background?")
-    if soft is None:
-        soft = mask.astype(np.float32)
-    else:
-        soft = soft * mask  # specks dropped from the alpha too
+    soft = mask.astype(np.float32) if soft is None else soft * mask  # specks dropped from the alpha too
+    return rgb, mask, soft, mask_from
 
+
+def _box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of the mask's bounding box, bottom and right exclusive."""
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    scale = fill_ratio * size / max(bottom - top, right - left)
+    return int(rows[0]), int(rows[-1] + 1), int(cols[0]), int(cols[-1] + 1)
+
+
+def _place(rgb, mask, soft, mask_from: str, box, size: int, fill_ratio: float, source: str,
+           recenter: bool) -> ReferenceImage:
+    """The box of the image centered on a white `size` square at `fill_ratio` (step 3)."""
+    H, W = rgb.shape[:2]
+    top, bottom, left, right = box
+    content = max(bottom - top, right - left)
+    scale = fill_ratio * size / content
     if not recenter:  # the whole image, centered in a square
-        side = max(H, W)
         top, bottom, left, right = 0, H, 0, W
-        scale = size / side
+        scale = size / max(H, W)
+        fill_ratio = content * scale / size
     crop = np.concatenate([rgb[top:bottom, left:right] * soft[top:bottom, left:right, None],
                            soft[top:bottom, left:right, None]], -1)  # premultiplied RGBA
     h, w = max(1, round((bottom - top) * scale)), max(1, round((right - left) * scale))
@@ -145,7 +177,6 @@ def prepare_reference(image: np.ndarray, size: int = 256, fill_ratio: float = 0.
                                         align_corners=None if scale < 1 else False)[0].permute(1, 2, 0).clamp(0, 1)
     canvas = torch.zeros(size, size, 4)
     y0, x0 = (size - h) // 2, (size - w) // 2
-    fill_ratio = fill_ratio if recenter else max(rows[-1] + 1 - rows[0], cols[-1] + 1 - cols[0]) * scale / size
     canvas[y0:y0 + h, x0:x0 + w] = x
     mask_out = canvas[..., 3]
     rgb_out = canvas[..., :3] + (1.0 - mask_out[..., None])  # premultiplied over white
@@ -158,3 +189,59 @@ def load_reference(path: str | os.PathLike, size: int = 256, fill_ratio: float =
     (recenter=False: the image's own framing)."""
     path = Path(path)
     return prepare_reference(_read(path), size, fill_ratio, tolerance, source=str(path), recenter=recenter)
+
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".gif", ".webp", ".png", ".apng")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def read_video(path: str | os.PathLike) -> list[np.ndarray]:
+    """Every frame of a video file (mp4 / mov / webm through ffmpeg; animated gif / webp / png through PIL) or of a
+    folder of images (sorted by name), as float32 [H, W, 3 or 4] in [0, 1]."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise Gen3dError(f"folder '{path}' holds no images ({', '.join(IMAGE_SUFFIXES)}); pass a video file or a "
+                             "folder of frames")
+        return [_read(p) for p in files]
+    if not path.is_file():
+        raise Gen3dError(f"video '{path}' does not exist; pass a video file (mp4, gif, ...) or a folder of frames")
+    if path.suffix.lower() in (".mp4", ".mov", ".webm", ".mkv", ".avi"):
+        import imageio_ffmpeg
+
+        try:
+            reader = imageio_ffmpeg.read_frames(str(path))
+            meta = next(reader)
+            w, h = meta["size"]
+            frames = [np.frombuffer(f, np.uint8).reshape(h, w, 3).astype(np.float32) / 255.0 for f in reader]
+        except (OSError, RuntimeError, StopIteration) as exc:
+            raise Gen3dError(f"cannot read video '{path}' ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+                             ) from None
+        if not frames:
+            raise Gen3dError(f"video '{path}' has no frames")
+        return frames
+    from PIL import Image, ImageSequence, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            frames = [np.asarray(f.convert("RGBA" if "transparency" in f.info or f.mode in ("RGBA", "LA", "PA")
+                                           else "RGB"), dtype=np.float32) / 255.0 for f in ImageSequence.Iterator(image)]
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise Gen3dError(f"cannot read '{path}' as a video ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+                         f"pass an mp4, an animated gif / webp / png, or a folder of frames") from None
+    return frames
+
+
+def load_clip(path: str | os.PathLike, frames: int, size: int = 256, fill_ratio: float = 0.85,
+              tolerance: float = 0.1, recenter: bool = True) -> list[ReferenceImage]:
+    """`frames` evenly spaced frames of the video at `path` (first and last included), prepared as one clip
+    (`prepare_clip`). A video with fewer frames than asked is an error."""
+    images = read_video(path)
+    if len(images) < frames:
+        raise Gen3dError(f"video '{path}' has {len(images)} frame(s) but the run uses frames={frames}; pass a longer "
+                         f"video or set frames={len(images)}")
+    if any(min(im.shape[:2]) < MIN_SIDE for im in images):
+        raise Gen3dError(f"video '{path}' is smaller than {MIN_SIDE}x{MIN_SIDE} pixels")
+    pick = np.round(np.linspace(0, len(images) - 1, frames)).astype(int)
+    return prepare_clip([images[i] for i in pick], size, fill_ratio, tolerance, source=str(path), recenter=recenter)

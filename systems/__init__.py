@@ -16,6 +16,8 @@ SYSTEMS: dict[str, str] = {
     "dreamfusion": "gen3d.systems.dreamfusion:DreamFusion",
     "zero123": "gen3d.systems.image_to_3d:Zero123",
     "magic123": "gen3d.systems.image_to_3d:Magic123",
+    "dream4d": "gen3d.systems.dynamic:Dream4D",
+    "dreamgaussian4d": "gen3d.systems.dynamic:DreamGaussian4D",
 }
 
 

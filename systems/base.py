@@ -331,8 +331,15 @@ class System:
         """Save a mesh of the result as glb / obj / ply: cleaned up (`gen3d.export.cleanup`: repaired, decimated to
         `mesh_faces`, optionally remeshed, outward normals), then for glb and obj with a baked albedo texture
         (`texture_size` texels; 0: vertex colors), for ply with vertex colors, both from the result."""
+        from gen3d.export.mesh import save_mesh
+
+        return save_mesh(path, self.finish_surface(mesh, Path(path).suffix.lower(), self.surface_color))
+
+    def finish_surface(self, mesh, suffix: str, color, refine: bool = True):
+        """`save_surface`'s mesh before saving, for a file of type `suffix`, colored by ``color(points [P, 3])``;
+        `refine` allows the texture refinement (`texture_refine`)."""
         from gen3d.export.cleanup import clean_mesh
-        from gen3d.export.mesh import save_mesh, vertex_colored
+        from gen3d.export.mesh import vertex_colored
 
         cfg = self.cfg
         before = len(mesh.faces)
@@ -343,17 +350,15 @@ class System:
             self.log.warning(f"mesh: {mesh.metadata['mesh_backend']}'s decimation opened holes in the closed surface; "
                              "mesh_backend=pymeshlab (pip install 'gen3d[meshlab]') or a larger mesh_faces keeps it closed")
         with torch.no_grad():
-            if cfg.texture_size and Path(path).suffix.lower() in (".glb", ".obj"):
+            if cfg.texture_size and suffix in (".glb", ".obj"):
                 from gen3d.export.texture import bake, textured_mesh
 
-                parts = bake(mesh.vertices, mesh.faces, self.surface_color, size=cfg.texture_size, device=self.device)
-                if cfg.texture_refine.steps:
+                parts = bake(mesh.vertices, mesh.faces, color, size=cfg.texture_size, device=self.device)
+                if refine and cfg.texture_refine.steps:
                     parts = parts[:3] + (self.refine_texture(*parts),)
-                mesh = textured_mesh(*parts)
-            else:
-                points = torch.as_tensor(mesh.vertices, dtype=torch.float32, device=self.device)
-                mesh = vertex_colored(mesh, self.surface_color(points))
-        return save_mesh(path, mesh)
+                return textured_mesh(*parts)
+            points = torch.as_tensor(mesh.vertices, dtype=torch.float32, device=self.device)
+            return vertex_colored(mesh, color(points))
 
     def albedo_render(self, cameras: Cameras) -> RenderOutput:
         """The result's unlit albedo over white from `cameras` (the texture refinement's ``render`` target)."""

@@ -8,6 +8,13 @@ from the snapshot's frozen copy, for each client's camera, at a resolution that 
 while the camera moves, and with sleeps that keep its share of the CPU near `render_share`.
 The only controls that reach the training thread are flags it polls between steps: pause and
 "export now"; a disconnecting client costs nothing.
+
+Time. A snapshot with a `Timeline` (a 4D result) adds a "Time" slider and a Play / Pause button in an
+"Animation" folder; a snapshot without one removes them, so static results look exactly as before. The
+slider snaps to the timeline's frames: moving it replaces the splat node with the nearest frame's splats
+(precomputed in the snapshot, so a move is one message), and the server-side modes render that frame's
+time. Play runs a small "gen3d-viewer-play" thread that advances the slider one frame per 1 / fps seconds
+and loops; it polls a flag while paused and ends in `close()`.
 """
 
 from __future__ import annotations
@@ -117,6 +124,11 @@ class Viewer:
         self._snapshot: Snapshot | None = None
         self._snapshot_id = 0
         self._splats_id = -1
+        self.time_folder = self.time_slider = self.play_button = None  # the time controls, while a timeline is shown
+        self._frame_shown: tuple[int, int] | None = None  # (snapshot id, frame index) of the splats on show
+        self._splats_lock = threading.Lock()  # the slider's callback and the play thread both replace the splats
+        self._playing = threading.Event()
+        self._play_thread: threading.Thread | None = None
         self._paused = threading.Event()
         self._export = threading.Event()
         self._stop = threading.Event()
@@ -212,17 +224,107 @@ class Viewer:
 
     def publish(self, snapshot: Snapshot) -> None:
         """Show a new snapshot: splats go to the browsers now, server renders follow on the viewer's thread."""
+        if snapshot.timeline is not None:
+            self._ensure_time_controls(snapshot.timeline)
+        elif self.time_slider is not None:
+            self._remove_time_controls()
         self._snapshot = snapshot
         self._snapshot_id += 1
         if snapshot.info:
             self.info.content = "  \n".join(f"{k}: {v}" for k, v in snapshot.info.items())
-        if snapshot.splats is not None:
-            s = snapshot.splats
-            self.splats = self.server.scene.add_gaussian_splats(
-                "/result/splats", centers=s.centers, covariances=s.covariances, rgbs=s.rgbs, opacities=s.opacities,
-                visible=self.mode.value == "rgb")
+        if snapshot.timeline is not None:
+            self._show_frame()
+        elif snapshot.splats is not None:
+            self._set_splats(snapshot.splats)
         if snapshot.mesh is not None:
             self.server.scene.add_mesh_trimesh("/result/mesh", snapshot.mesh)
+
+    def _set_splats(self, s) -> None:
+        """Replace the splat node by `s` (a `Splats`), visible in rgb mode only."""
+        self.splats = self.server.scene.add_gaussian_splats(
+            "/result/splats", centers=s.centers, covariances=s.covariances, rgbs=s.rgbs, opacities=s.opacities,
+            visible=self.mode.value == "rgb")
+
+    # ---- time (snapshots with a timeline) ----------------------------------------------------------
+    @property
+    def shown_time(self) -> float | None:
+        """The shown time: the time of the timeline's frame nearest the slider; None without a timeline."""
+        snap = self._snapshot
+        if snap is None or snap.timeline is None or self.time_slider is None:
+            return None
+        return snap.timeline.times[snap.timeline.index_at(self.time_slider.value)]
+
+    def _ensure_time_controls(self, timeline) -> None:
+        """Add the Animation folder (Time slider, Play button) for `timeline`, or keep the current one, and its time,
+        when it already has as many frames (a live 4D run publishing again)."""
+        F = len(timeline)
+        step = 1.0 / (F - 1) if F > 1 else 1.0
+        if self.time_slider is not None and abs(self.time_slider.step - step) < 1e-9:
+            return
+        t = 0.0 if self.time_slider is None else float(self.time_slider.value)
+        if self.time_slider is not None:
+            self._remove_time_controls()
+        gui = self.server.gui
+        with gui.add_folder("Animation", order=self.info.order + 0.5) as self.time_folder:
+            self.time_slider = gui.add_slider("Time", 0.0, 1.0, step, min(max(t, 0.0), 1.0),
+                                              hint="time of the 4D result; the view shows the nearest frame")
+            self.play_button = gui.add_button("Play", icon="player-play")
+        self.time_slider.on_update(lambda _: self._show_frame())
+        self.play_button.on_click(lambda _: self.toggle_play())
+
+    def _remove_time_controls(self) -> None:
+        self._playing.clear()
+        self.time_folder.remove()
+        self.time_folder = self.time_slider = self.play_button = None
+        self._frame_shown = None
+
+    def _show_frame(self) -> None:
+        """Put the frame nearest the slider's time on the splat node, unless it is already there."""
+        with self._splats_lock:
+            snap, snap_id, slider = self._snapshot, self._snapshot_id, self.time_slider
+            if snap is None or snap.timeline is None or slider is None:
+                return
+            index = snap.timeline.index_at(slider.value)
+            if self._frame_shown != (snap_id, index):
+                self._set_splats(snap.timeline.splats[index])
+                self._frame_shown = (snap_id, index)
+
+    def set_time(self, t: float) -> None:
+        """Move the time slider to `t` (clamped to [0, 1]), as a user would; the view follows."""
+        if self.time_slider is not None:
+            self.time_slider.value = min(max(float(t), 0.0), 1.0)
+
+    @property
+    def playing(self) -> bool:
+        return self._playing.is_set()
+
+    def toggle_play(self) -> None:
+        """Play (advance the time slider at the timeline's fps, looping) or pause; the button's label says which."""
+        if self.play_button is None:
+            return
+        if self._playing.is_set():
+            self._playing.clear()
+            self.play_button.label, self.play_button.icon = "Play", "player-play"
+            return
+        self._playing.set()
+        self.play_button.label, self.play_button.icon = "Pause", "player-pause"
+        if self._play_thread is None:
+            self._play_thread = threading.Thread(target=self._play_loop, name="gen3d-viewer-play", daemon=True)
+            self._play_thread.start()
+
+    def _play_loop(self) -> None:
+        """While playing: one frame forward every 1 / fps seconds, back to the first after the last."""
+        while not self._stop.is_set():
+            snap = self._snapshot
+            if snap is None or snap.timeline is None:
+                self._stop.wait(0.1)
+                continue
+            if not self._playing.wait(0.1) or self._stop.wait(1.0 / snap.timeline.fps):
+                continue
+            slider = self.time_slider
+            if self._playing.is_set() and slider is not None and self._snapshot is snap:  # nothing changed meanwhile
+                timeline = snap.timeline
+                self.set_time(timeline.times[(timeline.index_at(slider.value) + 1) % len(timeline)])
 
     def show_video(self, frames: np.ndarray, fps: float = 24.0, label: str = "Turntable") -> None:
         """Play frames ``[T, H, W, 3]`` uint8 in a loop in the GUI panel (a finished run's turntable)."""
@@ -285,9 +387,15 @@ class Viewer:
             return False
         mode = self.mode.value
         native = snap.splats is not None and mode == "rgb"
+        render = snap.render
+        t = None
+        if snap.timeline is not None:  # render the time of the frame on show (t None: static, the key as before)
+            slider = self.time_slider
+            render = snap.timeline.render
+            t = snap.timeline.times[snap.timeline.index_at(slider.value) if slider is not None else 0]
         rendered = False
         for client_id, client in list(self.server.get_clients().items()):
-            if native or snap.render is None:
+            if native or render is None:
                 if self._last.get(client_id) != ("native", self._snapshot_id):
                     client.scene.set_background_image(None)
                     self._last[client_id] = ("native", self._snapshot_id)
@@ -297,12 +405,12 @@ class Viewer:
             # a quarter while the camera moves; half while training runs (a paused or finished run gets it all)
             height = max(16, int(self.resolution.value) // (4 if moving else 2 if self.training and not self.paused else 1))
             key = (tuple(np.round(cam.wxyz, 5)), tuple(np.round(cam.position, 5)), round(cam.fov, 5),
-                   round(cam.aspect, 4), height, mode, self._snapshot_id)
+                   round(cam.aspect, 4), height, mode, self._snapshot_id) + (() if t is None else (t,))
             if self._last.get(client_id) == key:
                 continue
             cameras = viser_camera(cam.wxyz, cam.position, cam.fov, cam.aspect, height)
             with torch.no_grad():
-                out = snap.render(cameras)
+                out = snap.render(cameras) if t is None else snap.timeline.render(cameras, t)
             client.scene.set_background_image(mode_image(out, mode), format="jpeg", jpeg_quality=85)
             self._last[client_id] = key
             rendered = True
@@ -313,6 +421,9 @@ class Viewer:
     def close(self) -> None:
         self._stop.set()
         self._paused.clear()
+        self._playing.clear()
         self._thread.join(timeout=5)
+        if self._play_thread is not None:
+            self._play_thread.join(timeout=5)
         with contextlib.redirect_stdout(io.StringIO()):
             self.server.stop()

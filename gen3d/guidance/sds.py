@@ -53,7 +53,8 @@ class SDSGuidance(Guidance):
         generator: torch.Generator | None = None,
         cameras: "Cameras | None" = None,
     ) -> GuidanceOutput:
-        """SDS on z ``[B, C, h, w]`` (the prior's latents or [-1, 1] pixels, requiring grad)."""
+        """SDS on z ``[B, C, h, w]`` (the prior's latents or [-1, 1] pixels, requiring grad), or on a video prior's
+        ``[B, C, F, h, w]``."""
         cfg, prior = self.cfg, self.prior
         B = z.shape[0]
         z = z.float()
@@ -62,5 +63,6 @@ class SDSGuidance(Guidance):
         with torch.no_grad():
             x_t = prior.add_noise(z.detach(), eps, t)
             pred = guided_noise(prior, x_t, t, prompts, self.scale(step, max_steps), cfg.perp_neg_scale)
-            grad = timestep_weight(cfg.weighting, prior.alphas_cumprod, t) * (pred.eps_guided - eps)
+            w = timestep_weight(cfg.weighting, prior.alphas_cumprod, t).view(-1, *[1] * (z.ndim - 1))
+            grad = w * (pred.eps_guided - eps)
         return finish(z, grad, t, self.clip(step, max_steps))

@@ -38,6 +38,8 @@ from gen3d.errors import PriorNotAvailable
 EMBEDDED_PRIORS = {
     # id -> folder inside the installed package; trained by `gen3d world train-prior`
     "gen3d/shapes-t2i": Path(__file__).resolve().parents[1] / "assets" / "shapes-t2i",
+    # trained by `gen3d world train-video-prior` (a `VideoDiffusionPrior`, gen3d.priors.video)
+    "gen3d/shapes-t2v": Path(__file__).resolve().parents[1] / "assets" / "shapes-t2v",
 }
 EMBEDDED_HINT = "the embedded Shapes-world prior (prior=gen3d/shapes-t2i, offline, CPU; prompts like \"a red mug\")"
 """How error messages name the always-available offline alternative (update in this one place)."""
@@ -100,7 +102,7 @@ def _locate(model: str, download: bool, cache_dir: str | None) -> Path:
         if not (folder / "model_index.json").is_file():
             raise PriorNotAvailable(
                 f"the embedded prior {model!r} is missing from this installation ({folder}); "
-                f"rebuild it with: gen3d world train-prior"
+                f"rebuild it with: gen3d world {'train-video-prior' if model.endswith('t2v') else 'train-prior'}"
             )
         return folder
     path = Path(model).expanduser()

@@ -115,3 +115,29 @@ class AnimatedObject:
     def __str__(self) -> str:
         return f"{self.motion} {self.obj}"
 
+
+
+def save_clip(animated: AnimatedObject, path, frames: int = 8, size: int = 128, elevation: float = 0.0,
+              distance: float = 1.9, fovy: float = 40.0, azimuth: float = 0.0, fps: float = 4.0):
+    """Render `frames` evenly spaced frames of `animated` from one camera (by default the front view of the
+    video-to-4D preset's input camera) and write them as a video (.mp4, .gif) over white, or as RGBA PNGs
+    ``frame_000.png ...`` in a folder (a path without a suffix). Returns the path written."""
+    from pathlib import Path
+
+    from gen3d.cameras import spherical_cameras
+    from gen3d.export.video import save_image, write_video
+    from gen3d.io import atomic_folder
+
+    one = lambda v: torch.tensor([float(v)])  # noqa: E731
+    cams = spherical_cameras(one(azimuth), one(elevation), one(distance), one(fovy), size, size)
+    outs = [animated.render(cams, t, background=(0.0, 0.0, 0.0), supersample=2)
+            for t in torch.linspace(0, 1, frames).tolist()]
+    path = Path(path)
+    if path.suffix:
+        white = torch.stack([o.rgb[0] + (1 - o.alpha[0]) for o in outs]).clamp(0, 1)
+        return write_video(path, white, fps=fps)
+    with atomic_folder(path) as tmp:
+        for i, o in enumerate(outs):
+            alpha = o.alpha[0].clamp(1e-6, 1)
+            save_image(tmp / f"frame_{i:03d}.png", torch.cat([(o.rgb[0] / alpha).clamp(0, 1), o.alpha[0]], -1))
+    return path

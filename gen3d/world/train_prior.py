@@ -191,7 +191,7 @@ class DiffusionTrainer:
     def optimize(self, loss: torch.Tensor) -> float:
         """One AdamW step on `loss` (scheduled lr, gradient clipping at 1), then the EMA update."""
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(self.step)
+            group["lr"] = self.lr_at(self.step) * group.get("lr_scale", 1.0)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for grp in self.optimizer.param_groups for p in grp["params"]], 1.0)

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from gen3d.errors import Gen3dError
@@ -104,3 +105,54 @@ def test_recenter_false_keeps_the_framing(tmp_path):
     top, bottom, left, right = mask_box(ref.mask)
     assert abs((left + right) / 2 - 10) <= 1 and abs((top + bottom) / 2 - 15) <= 1  # where it was, at half the size
     assert abs(ref.fill_ratio - 21 / 80) < 0.03
+
+
+# ---- input videos (video-to-4D) ----------------------------------------------------------------------------
+
+
+def _moving_square(n=5, size=40):
+    """Frames of a red square moving right on a white background, [H, W, 3] float."""
+    frames = []
+    for i in range(n):
+        im = np.ones((size, size, 3), np.float32)
+        im[15:25, 5 + 4 * i:15 + 4 * i] = [1.0, 0.0, 0.0]
+        frames.append(im)
+    return frames
+
+
+@pytest.mark.parametrize("kind", ["folder", "gif", "mp4"])
+def test_load_clip_keeps_the_motion(tmp_path, kind):
+    from gen3d.export.video import save_image, write_video
+    from gen3d.images import load_clip
+
+    frames = _moving_square()
+    if kind == "folder":
+        path = tmp_path / "frames"
+        for i, f in enumerate(frames):
+            save_image(path / f"{i:02d}.png", f)
+    else:
+        path = write_video(tmp_path / f"clip.{kind}", torch.from_numpy(np.stack(frames)), fps=4)
+    clip = load_clip(path, 3, size=32, fill_ratio=0.9)
+    assert len(clip) == 3
+    cols = torch.arange(32.0)
+    xs = [(c.mask.sum(0) * cols).sum() / c.mask.sum() for c in clip]  # the square's center column, per frame
+    assert xs[0] + 3 < xs[1] < xs[2] - 3  # one crop for all frames: the square still moves right
+    assert abs(clip[0].mask.sum() - clip[2].mask.sum()) < 0.2 * clip[0].mask.sum()  # and keeps its size
+
+
+def test_load_clip_errors(tmp_path):
+    from gen3d.export.video import save_image
+    from gen3d.images import load_clip
+
+    with pytest.raises(Gen3dError, match="does not exist"):
+        load_clip(tmp_path / "nope.mp4", 4)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(Gen3dError, match="holds no images"):
+        load_clip(tmp_path / "empty", 4)
+    for i, f in enumerate(_moving_square(2)):
+        save_image(tmp_path / "two" / f"{i}.png", f)
+    with pytest.raises(Gen3dError, match="has 2 frame.*frames=4"):
+        load_clip(tmp_path / "two", 4)
+    (tmp_path / "bad.gif").write_bytes(b"not a gif")
+    with pytest.raises(Gen3dError, match="cannot read"):
+        load_clip(tmp_path / "bad.gif", 4)

@@ -7,7 +7,9 @@ from gen3d.runs import resolve_run
 from tests.systems.conftest import fast_overrides
 
 
-IMAGE_SYSTEMS = {"zero123": "dreamgaussian", "magic123": "dreamfusion"}  # image recipe -> its text-to-3D base
+IMAGE_SYSTEMS = {"zero123": "dreamgaussian", "magic123": "dreamfusion", "dreamgaussian4d": "dreamgaussian"}
+"""image (and video) recipe -> its text-to-3D base"""
+FOUR_D = ("dream4d", "dreamgaussian4d")
 
 
 @pytest.mark.parametrize("preset", sorted(list_presets()))
@@ -24,6 +26,14 @@ def test_preset_smoke(preset, tiny_pixel_prior, tmp_path):
         disc.paste((200, 40, 40, 255), (10, 10, 30, 30))
         disc.save(tmp_path / "in.png")
         extra = [f"image={tmp_path / 'in.png'}", "view_prior=gen3d/shapes-zero123", "image_size=32"]
+    if system == "dreamgaussian4d":  # a video: the disc moving right
+        for i in range(2):
+            frame = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
+            frame.paste((200, 40, 40, 255), (8 + 4 * i, 10, 28 + 4 * i, 30))
+            frame.save((tmp_path / "clip").mkdir(exist_ok=True) or tmp_path / "clip" / f"{i}.png")
+        extra = [f"video={tmp_path / 'clip'}", *extra[1:]]
+    if system in FOUR_D:
+        extra += ["static_steps=1", "frames=2", "frame_views=1", "rigidity_points=16"]
     base = IMAGE_SYSTEMS.get(system, system)
     assert main(["run", preset, *fast_overrides(tiny_pixel_prior, out, steps=2, system=base), "turntable_frames=2",
                  *extra]) == 0

@@ -1,0 +1,136 @@
+"""4D generation on Shapes-world animations with known motion: per-frame 3D IoU, motion error, flicker, time.
+
+For each animated object (one per motion: bounce, grow, swing, spin) it runs, on the embedded priors:
+
+- ``text``: text-to-4D (`configs/text-to-4d.yaml`: DreamGaussian, then video SDS + per-frame SDS) on
+  prompt="<object>", motion="<verb>";
+- ``text_no_video``: the same run without the video prior (lambda_video=0): per-frame image SDS alone, the reference
+  that shows what the video prior adds;
+- ``video``: video-to-4D (`configs/video-to-4d.yaml`: DreamGaussian4D) on the object's true clip from the input camera
+  (`gen3d.world.animation.save_clip`, RGBA frames);
+- ``frozen``: each run's own static stage held still (the deformation field set to the identity): the score of no
+  motion at all, for scale.
+
+Scores (`gen3d.world.motion_metrics`): per-frame 3D IoU (normalized: the shape at each time), motion error (mean
+distance of the Gaussians from where the true motion takes them, world units; the object is about 1 unit tall),
+flicker (frame-to-frame change of the front view that the true motion does not explain) and seconds per run.
+
+    python benchmarks/bench_4d.py > benchmarks/results/4d.json
+    python benchmarks/bench_4d.py --quick          # one object, few steps: a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+CASES = [("a red mug", "bounce"), ("a green cone", "grow"), ("a yellow lamp", "swing"), ("a blue cube", "spin")]
+VERBS = {"spin": "spinning", "bounce": "bouncing", "grow": "growing", "swing": "swinging"}
+
+
+def evaluate(system, animated, resolution: int = 48) -> dict[str, float]:
+    """Per-frame 3D IoU (mean, min), motion error and flicker of a finished 4D run against `animated`."""
+    from gen3d.cameras import orbit_cameras
+    from gen3d.world.motion_metrics import flicker, frame_iou, motion_error
+
+    times = system.times()
+    ious = frame_iou(system.query, animated, times, resolution=resolution)
+    cams = orbit_cameras(1, 15.0, 2.25, 45.0, 64, 64)
+    flick = flicker(lambda t: system.clip_frames(cams, [t])[0], animated, cams, times)
+    return {"iou_mean": statistics.mean(ious), "iou_min": min(ious), "motion_error": motion_error(system.dynamic, animated, times),
+            "flicker": flick}
+
+
+def frozen(system) -> None:
+    """Reset the run's deformation field to the identity (its static stage held still)."""
+    from gen3d.representations.deformation import DeformationField
+
+    system.field = DeformationField(system.cfg.deformation).to(system.device)
+
+
+def run_case(kind: str, prompt: str, motion: str, overrides: list[str], out_dir: Path) -> tuple[dict, dict]:
+    """One run: its scores and those of its frozen static stage."""
+    from gen3d.cli import load_run_config
+    from gen3d.runs import new_run_dir
+    from gen3d.systems.base import write_config
+    from gen3d.world.animation import AnimatedObject, save_clip
+    from gen3d.world.catalog import parse_prompt
+
+    animated = AnimatedObject(parse_prompt(prompt), motion)
+    common = [f"output_dir={out_dir}", "progress=false", "exports=[]", "turntable_frames=0", "val_every=0",
+              "checkpoint_every=0"]
+    if kind == "video":
+        clip = save_clip(animated, out_dir / f"clip-{motion}-{prompt.replace(' ', '_')}", frames=8, size=128)
+        system_cls, cfg = load_run_config("video-to-4d", [f"video={clip}", *common, *overrides])
+    else:
+        extra = ["lambda_video=0"] if kind == "text_no_video" else []
+        system_cls, cfg = load_run_config("text-to-4d", [f"prompt={prompt}", f"motion={VERBS[motion]}", *common,
+                                                         *extra, *overrides])
+    run = new_run_dir(cfg.output_dir, system_cls.name, f"{kind}-{prompt}-{motion}")
+    write_config(run, cfg)
+    system = system_cls(cfg, run)
+    t0 = time.perf_counter()
+    system.fit()
+    seconds = time.perf_counter() - t0
+    with torch.no_grad():
+        row = {"kind": kind, "object": prompt, "motion": motion, "seconds": round(seconds, 1),
+               "n_gaussians": system.model.num_gaussians, **_rounded(evaluate(system, animated))}
+        frozen(system)
+        still = {"kind": f"frozen_{kind}", "object": prompt, "motion": motion, **_rounded(evaluate(system, animated))}
+    return row, still
+
+
+def _rounded(d: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 4) for k, v in d.items()}
+
+
+def summarize(rows: list[dict]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for kind in dict.fromkeys(r["kind"] for r in rows):
+        sel = [r for r in rows if r["kind"] == kind]
+        keys = [k for k in ("seconds", "iou_mean", "iou_min", "motion_error", "flicker") if k in sel[0]]
+        out[kind] = {k: round(statistics.mean(r[k] for r in sel), 4) for k in keys} | {"n": len(sel)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kinds", nargs="*", default=["text", "text_no_video", "video"],
+                        help="runs per object among text, text_no_video, video")
+    parser.add_argument("--motions", nargs="*", help="only these motions (bounce, grow, swing, spin)")
+    parser.add_argument("--override", nargs="*", default=[], help="config overrides for every run")
+    parser.add_argument("--quick", action="store_true", help="one object, 12 steps: a smoke test of the script")
+    parser.add_argument("--output-dir", help="keep the runs here (default: a temporary folder)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cases = [c for c in CASES if not args.motions or c[1] in args.motions]
+    overrides = list(args.override)
+    if args.quick:
+        cases = cases[:1]
+        overrides = ["max_steps=12", "static_steps=8", "frames=4", *overrides]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = Path(args.output_dir or tmp)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for prompt, motion in cases:
+            for kind in args.kinds:
+                row, still = run_case(kind, prompt, motion, overrides, out_dir)
+                print(json.dumps(row), json.dumps(still), file=sys.stderr)
+                rows += [row, still]
+    report = {"benchmark": "shapes-4d", "overrides": overrides, "threads": torch.get_num_threads(), "rows": rows,
+              "summary": summarize(rows)}
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""A frozen text-to-video diffusion model, for the temporal guidance of 4D generation (issue 12).
+
+`VideoDiffusionPrior` is `DiffusionPrior` over clips: renders are ``[B, F, H, W, 3]`` in [0, 1] and the
+UNet's input is ``z [B, C, F, h, w]``, the layout of diffusers' `UNet3DConditionModel` (ModelScope
+text-to-video, Wang et al. 2023, "ModelScope Text-to-Video Technical Report"; zeroscope), which factorizes
+space and time: every ResNet block is followed by a temporal convolution and every spatial transformer by a
+temporal one. Both kinds load through `from_pretrained`:
+
+- the embedded ``gen3d/shapes-t2v``: 8 frames of 32x32 pixels of animated Shapes-world objects, trained by
+  ``gen3d world train-video-prior`` (prompts like "a red mug, bouncing");
+- a hub or local text-to-video pipeline folder (model_index.json with a `UNet3DConditionModel` unet, a
+  `CLIPTextModel`, its tokenizer, a scheduler and, for latent models, a VAE), e.g.
+  ``damo-vilab/text-to-video-ms-1.7b`` or ``cerspense/zeroscope_v2_576w`` once in the local Hugging Face
+  cache. Latent videos are encoded frame by frame by the image VAE, as those pipelines decode them.
+
+Everything else (noise schedule, prediction type, classifier-free guidance in one batched call, cached
+prompt embeddings) is the image prior's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from gen3d.errors import PriorNotAvailable
+from gen3d.priors.diffusion import DiffusionPrior
+
+EMBEDDED_T2V = Path(__file__).resolve().parents[1] / "assets" / "shapes-t2v"
+DEFAULT_FRAMES = 16
+"""Frames of a hub video model whose folder does not say (ModelScope and zeroscope train on 16)."""
+
+
+class VideoDiffusionPrior(DiffusionPrior):
+    """A frozen text-to-video model: ``encode([B, F, H, W, 3]) -> z [B, C, F, h, w]`` and the image prior's
+    noise prediction on such z. `num_frames` is the clip length the model was trained on."""
+
+    def __init__(self, unet, scheduler, text_encoder, tokenizer, vae=None, *, num_frames: int | None = None,
+                 **kwargs) -> None:
+        if not _is_video_unet(unet):
+            raise PriorNotAvailable(
+                f"prior {kwargs.get('model_name', '')!r} is an image model ({type(unet).__name__}); video guidance "
+                f"needs a text-to-video model with a UNet3DConditionModel, e.g. the embedded gen3d/shapes-t2v"
+            )
+        super().__init__(unet, scheduler, text_encoder, tokenizer, vae, **kwargs)
+        self.num_frames = int(num_frames or DEFAULT_FRAMES)
+
+    @classmethod
+    def from_pretrained(cls, model: str, **kwargs) -> "VideoDiffusionPrior":
+        """Load like `DiffusionPrior.from_pretrained`; the clip length comes from gen3d_prior.json when present."""
+        prior = super().from_pretrained(model, **kwargs)
+        from gen3d.priors.diffusion import _locate
+
+        card = _locate(str(model), False, kwargs.get("cache_dir")) / "gen3d_prior.json"
+        if card.is_file():
+            prior.num_frames = int(json.loads(card.read_text()).get("frames", prior.num_frames))
+        return prior
+
+    def encode(self, rgb: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Clips ``[B, F, H, W, 3]`` in [0, 1] -> z ``[B, C, F, h, w]`` (differentiable)."""
+        if rgb.ndim != 5 or rgb.shape[-1] != 3:
+            raise ValueError(f"VideoDiffusionPrior.encode: rgb must be [B, F, H, W, 3], got {tuple(rgb.shape)}")
+        B, Fr = rgb.shape[:2]
+        z = super().encode(rgb.flatten(0, 1), generator)  # [B F, C, h, w]
+        return z.view(B, Fr, *z.shape[1:]).transpose(1, 2)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """z ``[B, C, F, h, w]`` -> clips ``[B, F, H, W, 3]`` in [0, 1]."""
+        B, _, Fr = z.shape[:3]
+        frames = super().decode(z.transpose(1, 2).flatten(0, 1))
+        return frames.view(B, Fr, *frames.shape[1:])
+
+    def _abar(self, t: Tensor) -> Tensor:  # [B] -> [B, 1, 1, 1, 1]
+        return self.alphas_cumprod[t.to(self.device).long()].view(-1, 1, 1, 1, 1)
+
+    def predict_noise_perp_neg(self, *args, **kwargs):
+        raise ValueError("Perp-Neg is for view-dependent image prompts; video guidance takes plain prompts")
+
+    def __repr__(self) -> str:
+        return super().__repr__().replace("DiffusionPrior(", f"VideoDiffusionPrior({self.num_frames} frames, ", 1)
+
+
+def _is_video_unet(unet) -> bool:
+    name = getattr(unet.config, "_class_name", "") or type(unet).__name__
+    return "3D" in name or "Video" in name
+
+
+@torch.no_grad()
+def sample_videos(prior: VideoDiffusionPrior, prompts: list[str], steps: int = 25, guidance_scale: float = 5.0,
+                  frames: int | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """Clips ``[N, F, H, W, 3]`` in [0, 1] for `prompts` by DDIM (the pictures of the README and tests)."""
+    from gen3d.priors.sampling import ddim
+
+    cond = prior.encode_text(prompts)
+    uncond = prior.encode_text([""]).expand_as(cond)
+    shape = (len(prompts), prior.unet.config.in_channels, frames or prior.num_frames, prior.latent_size,
+             prior.latent_size)
+    x = torch.randn(shape, generator=generator).to(prior.device, torch.float32)
+
+    def eps_fn(x_t: Tensor, t: Tensor) -> Tensor:
+        return prior.predict_noise(x_t.to(prior.dtype), t, cond, uncond, guidance_scale).eps_guided
+
+    return prior.decode(ddim(eps_fn, x, prior.alphas_cumprod, prior.num_train_timesteps, steps))
+

@@ -1,0 +1,267 @@
+"""Train the embedded text-to-video prior of the Shapes world: the temporal guidance of 4D generation.
+
+The recipe of text-to-video models built on an image model (ModelScope T2V, Wang et al. 2023; AnimateDiff,
+Guo et al. 2024, "AnimateDiff: Animate Your Personalized Text-to-Image Diffusion Models without Specific
+Tuning"), shrunk to the Shapes world:
+
+- model: diffusers' `UNet3DConditionModel` with the embedded text-to-image prior's widths; its spatial
+  layers are *inflated* from ``gen3d/shapes-t2i`` (the same weights, 1x1 convolutions of the attention
+  projections as linear layers) and its temporal layers (a temporal transformer at the input, temporal
+  convolutions after every ResNet, temporal attention after every spatial transformer) start as the
+  identity (their output projections zeroed), so step 0 is the image prior applied to every frame;
+- text: the image prior's `CLIPTextModel`, its token embeddings carried over word by word into a vocabulary
+  that adds the motion words ("spinning", "bouncing", "growing", "swinging");
+- data: every `training_objects()` object (held-out color/shape pairs never seen) under every motion of
+  `gen3d.world.animation`, `clips_per_pair` clips each from a random `TRAIN_ORBIT` camera that stays fixed
+  over the clip; `frames` frames at t = 0 .. 1, rendered by the exact sphere tracer at `size` x `supersample`
+  and averaged down; captions "a red mug, bouncing" with the clip's view word most of the time;
+- objective, EMA, checkpoints, resume: those of `train_prior` (ε-prediction, cosine schedule, Min-SNR-γ,
+  10% caption dropout for classifier-free guidance).
+
+The output is a diffusers pipeline folder (``TextToVideoSDPipeline`` layout without a VAE: the model is in
+pixel space) that `VideoDiffusionPrior.from_pretrained("gen3d/shapes-t2v")` loads:
+
+    gen3d world train-video-prior                   # the shipped weights, from seed 0
+    gen3d world train-video-prior steps=20 max_objects=2 output=/tmp/t2v work_dir=/tmp/t2v-work
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from gen3d.priors.tokenizer import write_clip_tokenizer
+from gen3d.priors.video import EMBEDDED_T2V
+from gen3d.world.train_prior import (
+    TRAIN_ORBIT, VIEW_WORDS, PriorTrainConfig, PriorTrainer, _diffusers_version, _text_encoder,
+)
+
+MOTION_WORDS = ["spinning", "bouncing", "growing", "swinging"]
+
+
+@dataclass
+class VideoPriorTrainConfig(PriorTrainConfig):
+    """Training of the embedded text-to-video prior."""
+
+    output: str = str(EMBEDDED_T2V)
+    work_dir: str = "outputs/world/train-video-prior"
+    steps: int = 2500
+    """Optimization steps (about 1.6 s each on one core at batch 4)."""
+    batch_size: int = 4
+    """Clips per step."""
+    lr: float = 5e-4
+    """Peak AdamW learning rate of the spatial layers and the text encoder."""
+    temporal_lr_scale: float = 4.0
+    """The temporal layers' learning rate is lr times this: they start from zero, the rest from a trained model
+    (with lr 2e-4 for all, the motion words still made no difference to the loss after 500 steps)."""
+    warmup: int = 100
+    ema_decay: float = 0.998
+    frames: int = 8
+    """Frames per clip, at t = 0, 1/(F-1), ..., 1."""
+    clips_per_pair: int = 4
+    """Clips of each (object, motion), each from its own camera."""
+    init_from: str = "gen3d/shapes-t2i"
+    """Image prior whose UNet and text encoder initialize the spatial layers ("" trains from scratch)."""
+    sample_every: int = 0
+    views_per_object: int = 0
+    """Unused (clips_per_pair sets the data)."""
+
+
+class VideoPriorTrainer(PriorTrainer):
+    verb = "train-video-prior"
+
+    def __init__(self, cfg: VideoPriorTrainConfig):
+        from transformers import CLIPTokenizer
+
+        from gen3d.world.catalog import vocabulary
+
+        if cfg.frames < 2:
+            raise ValueError(f"frames must be >= 2 (a clip), got {cfg.frames}")
+        self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.work = Path(cfg.work_dir)
+        self.work.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        self.tok_dir = self.work / "tokenizer"
+        vocab_size = write_clip_tokenizer(self.tok_dir, [*vocabulary(), *MOTION_WORDS, *VIEW_WORDS], cfg.max_length)
+        self.tokenizer = CLIPTokenizer.from_pretrained(str(self.tok_dir))
+        self.unet = video_unet(cfg)
+        self.text_encoder = _text_encoder(cfg, vocab_size)
+        if cfg.init_from:
+            inflate_from_image_prior(self.unet, self.text_encoder, self.tokenizer, cfg.init_from)
+        self._setup_optimization()
+        temporal = [p for n, p in self.unet.named_parameters() if _is_temporal(n)]
+        other = [p for n, p in self.unet.named_parameters() if not _is_temporal(n)]
+        self.optimizer = torch.optim.AdamW([
+            {"params": other + list(self.text_encoder.parameters())},
+            {"params": temporal, "lr_scale": cfg.temporal_lr_scale},
+        ], lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def build_data(self) -> None:
+        """Render `clips_per_pair` clips of every training object under every motion (cached in work_dir)."""
+        from gen3d.cameras import sample_orbit
+        from gen3d.io import atomic_path
+        from gen3d.priors.prompts import view_directions
+        from gen3d.world.animation import MOTIONS, AnimatedObject
+        from gen3d.world.catalog import training_objects
+
+        cfg = self.cfg
+        cache = self.work / (f"clips-{cfg.seed}-{cfg.clips_per_pair}-{cfg.frames}-{cfg.size}x{cfg.supersample}-"
+                             f"{cfg.max_objects}.pt")
+        if cache.is_file():
+            self.data = torch.load(cache, weights_only=False)
+            return
+        objects = training_objects()[: cfg.max_objects or None]
+        pairs = [AnimatedObject(o, m) for o in objects for m in MOTIONS]
+        g = torch.Generator().manual_seed(cfg.seed)
+        t0 = time.perf_counter()
+        premult, alpha, info = [], [], []
+        n, px = cfg.clips_per_pair, cfg.size * cfg.supersample
+        for anim in tqdm(pairs, desc="rendering clips", disable=not cfg.progress, file=sys.stderr):
+            cams = sample_orbit(replace(TRAIN_ORBIT, batch_size=n), g, width=px, height=px)
+            rgb, a = [], []
+            for t in torch.linspace(0, 1, cfg.frames).tolist():
+                out = anim.render(cams, t, background=(0.0, 0.0, 0.0))
+                rgb.append(F.avg_pool2d(out.rgb.permute(0, 3, 1, 2), cfg.supersample))
+                a.append(F.avg_pool2d(out.alpha.permute(0, 3, 1, 2), cfg.supersample))
+            premult.append(torch.stack(rgb, 2).half())  # [n, 3, F, s, s]
+            alpha.append(torch.stack(a, 2).half())
+            words = view_directions(cams.azimuth, cams.elevation)
+            info += [(anim.obj.shape, anim.obj.color, anim.motion, w) for w in words]
+        self.data = {"premult": torch.cat(premult), "alpha": torch.cat(alpha), "info": info}
+        with atomic_path(cache) as tmp:
+            torch.save(self.data, tmp)
+        print(f"rendered {len(info)} clips of {len(pairs)} animated objects in {time.perf_counter() - t0:.0f} s",
+              file=sys.stderr)
+
+    def batch(self) -> tuple[torch.Tensor, list[str]]:
+        """Clips ``[B, 3, F, s, s]`` in [-1, 1] on white or black backgrounds with their captions."""
+        from gen3d.world.animation import AnimatedObject
+        from gen3d.world.catalog import WorldObject
+
+        cfg, g, d = self.cfg, self.generator, self.data
+        idx = torch.randint(0, len(d["premult"]), (cfg.batch_size,), generator=g)
+        white = (torch.rand(cfg.batch_size, generator=g) < 0.5).float().view(-1, 1, 1, 1, 1)
+        premult, alpha = d["premult"][idx].float(), d["alpha"][idx].float()
+        clips = premult + white * (1 - alpha)
+        view = torch.rand(cfg.batch_size, generator=g) < cfg.view_dependent_fraction
+        drop = torch.rand(cfg.batch_size, generator=g) < cfg.cond_dropout
+        captions = []
+        for j, i in enumerate(idx.tolist()):
+            shape, color, motion, direction = d["info"][i]
+            text = AnimatedObject(WorldObject(shape, color), motion).caption(g)
+            if view[j]:
+                text = f"{text}, {direction} view"
+            captions.append("" if drop[j] else text)
+        return clips * 2 - 1, captions
+
+    def train_step(self) -> float:
+        x0, captions = self.batch()
+        g = self.generator
+        t = torch.randint(0, 1000, (len(x0),), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        ab = self.abar[t].view(-1, 1, 1, 1, 1)
+        x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+        pred = self.unet(x_t, t, self.encode(captions)).sample
+        return self.optimize(self.diffusion_loss(pred, eps, t))
+
+    def prior(self):
+        from gen3d.priors.video import VideoDiffusionPrior
+
+        m = self.ema_modules()
+        return VideoDiffusionPrior(m["unet"], self.scheduler, m["text"], self.tokenizer, num_frames=self.cfg.frames,
+                                   model_name="shapes-t2v (training)", resolution=self.cfg.size, device="cpu",
+                                   dtype=torch.float32)
+
+    def write_samples(self) -> Path:
+        """A grid of sampled clips: one row per prompt, one column per frame."""
+        from gen3d.export.video import image_grid, save_image
+        from gen3d.priors.video import sample_videos
+
+        clips = sample_videos(self.prior(), video_sample_prompts(), steps=25, guidance_scale=5.0,
+                              generator=torch.Generator().manual_seed(0))
+        path = self.work / "samples" / f"step-{self.step:06d}.png"
+        save_image(path, image_grid(clips.flatten(0, 1), nrow=clips.shape[1]))
+        return path
+
+    def export(self) -> Path:
+        """Write the EMA weights as a diffusers pipeline folder (atomically, as a whole)."""
+        from gen3d.io import atomic_folder
+        from gen3d.world.catalog import HELD_OUT
+
+        out = Path(self.cfg.output)
+        with atomic_folder(out) as tmp:
+            m = self.ema_modules()
+            m["unet"].half().save_pretrained(tmp / "unet")
+            m["text"].save_pretrained(tmp / "text_encoder")
+            self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            self.scheduler.save_pretrained(tmp / "scheduler")
+            index = {"_class_name": "TextToVideoSDPipeline", "_diffusers_version": _diffusers_version(),
+                     "unet": ["diffusers", "UNet3DConditionModel"], "scheduler": ["diffusers", "DDPMScheduler"],
+                     "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]}
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+            card = {"name": "gen3d/shapes-t2v", "trained_by": f"gen3d world {self.verb}", "steps": self.step,
+                    "frames": self.cfg.frames, "config": asdict(self.cfg), "held_out": [list(h) for h in HELD_OUT]}
+            (tmp / "gen3d_prior.json").write_text(json.dumps(card, indent=2))
+        return out
+
+
+def _is_temporal(name: str) -> bool:
+    """A parameter of the UNet's temporal layers (what an image UNet does not have)."""
+    return name.startswith("transformer_in.") or ".temp_attentions." in name or ".temp_convs." in name
+
+
+def video_unet(cfg: VideoPriorTrainConfig):
+    """The video prior's `UNet3DConditionModel`: `train_prior._unet`'s layout with temporal layers."""
+    from diffusers import UNet3DConditionModel
+
+    n = len(cfg.block_out_channels)
+    return UNet3DConditionModel(
+        sample_size=cfg.size, in_channels=3, out_channels=3, layers_per_block=1,
+        block_out_channels=tuple(cfg.block_out_channels),
+        down_block_types=tuple("DownBlock3D" if i < n - 1 else "CrossAttnDownBlock3D" for i in range(n)),
+        up_block_types=tuple("CrossAttnUpBlock3D" if i == 0 else "UpBlock3D" for i in range(n)),
+        cross_attention_dim=cfg.text_dim, attention_head_dim=8, norm_num_groups=8,
+    )
+
+
+@torch.no_grad()
+def inflate_from_image_prior(unet, text_encoder, tokenizer, image_prior: str) -> None:
+    """Copy an image prior's UNet and text encoder into the video model (spatial layers, shared words) and
+    zero the temporal layers' output projections so the video model starts as the image model per frame."""
+    from gen3d.priors.diffusion import DiffusionPrior
+
+    source = DiffusionPrior.from_pretrained(image_prior, dtype="float32")
+    own = unet.state_dict()
+    spatial = source.unet.state_dict()
+    if set(spatial) - set(own) or any(own[k].numel() != v.numel() for k, v in spatial.items()):
+        raise ValueError(f"{image_prior}: its UNet does not have the video UNet's spatial layout "
+                         f"(block_out_channels / text_dim must match the image prior's)")
+    unet.load_state_dict({k: v.reshape(own[k].shape) for k, v in spatial.items()}, strict=False)
+    for name, module in unet.named_modules():
+        if name == "transformer_in" or ".temp_attentions." in f".{name}.":
+            if hasattr(module, "proj_out"):
+                module.proj_out.weight.zero_()
+                module.proj_out.bias.zero_()
+
+    old_emb = source.text_encoder.get_input_embeddings().weight
+    own_text = text_encoder.state_dict()
+    text_encoder.load_state_dict({k: v for k, v in source.text_encoder.state_dict().items()
+                                  if k in own_text and v.shape == own_text[k].shape}, strict=False)
+    old_vocab, new_vocab = source.tokenizer.get_vocab(), tokenizer.get_vocab()
+    emb = text_encoder.get_input_embeddings().weight
+    for token, i in new_vocab.items():
+        if token in old_vocab:
+            emb[i] = old_emb[old_vocab[token]]
+
+def video_sample_prompts() -> list[str]:
+    """One prompt per motion (seen objects) for the sample grids."""
+    return ["a red mug, spinning", "a blue cube, bouncing", "a green cone, growing", "a yellow lamp, swinging"]

@@ -1,0 +1,100 @@
+"""The text-to-video prior (issue 12): its trainer, the inflation from the image prior, loading, video SDS."""
+
+import pytest
+import torch
+
+from gen3d.errors import PriorNotAvailable
+from gen3d.priors.diffusion import DiffusionPrior
+from gen3d.priors.video import VideoDiffusionPrior, sample_videos
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    from gen3d.world.train_video_prior import VideoPriorTrainConfig, VideoPriorTrainer
+
+    work = tmp_path_factory.mktemp("t2v")
+    cfg = VideoPriorTrainConfig(output=str(work / "out"), work_dir=str(work / "work"), steps=2, max_objects=1,
+                                clips_per_pair=1, frames=3, size=32, supersample=1, progress=False)
+    return VideoPriorTrainer(cfg)
+
+
+@pytest.fixture(scope="module")
+def exported(trainer):
+    trainer.fit()
+    return trainer.cfg.output
+
+
+def test_inflated_model_is_the_image_prior_on_every_frame(trainer):
+    """Before training, the video UNet is the image UNet applied frame by frame (temporal layers are the identity),
+    and the text encoder embeds the image prior's words as it did."""
+    image = DiffusionPrior.from_pretrained("gen3d/shapes-t2i", dtype="float32")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 3, 32, 32, generator=g)
+    t = torch.tensor([100, 700])
+    prompts = ["a red mug", "a blue cube, front view"]
+    text = trainer.encode(prompts)
+    assert torch.allclose(text, image.encode_text(prompts), atol=1e-5)
+    with torch.no_grad():
+        video = trainer.unet(x, t, text).sample
+        frames = [image.unet(x[:, :, f], t, text).sample for f in range(3)]
+    assert torch.allclose(video, torch.stack(frames, 2), atol=1e-4)
+
+
+def test_clips_hold_the_motion(trainer):
+    trainer.build_data()
+    d = trainer.data
+    assert d["premult"].shape == (4, 3, 3, 32, 32)  # 1 object x 4 motions x 1 clip, 3 frames
+    motions = [info[2] for info in d["info"]]
+    assert sorted(motions) == ["bounce", "grow", "spin", "swing"]
+    bounce = d["alpha"][motions.index("bounce")].float()[0]  # [F, s, s]
+    rows = torch.arange(32.0)[:, None]
+    center = [(a * rows).sum() / a.sum() for a in bounce]  # image rows grow downwards: the middle frame is higher
+    assert center[1] < center[0] - 0.5 and center[1] < center[2] - 0.5
+    clips, captions = trainer.batch()
+    assert clips.shape == (4, 3, 3, 32, 32) and clips.min() >= -1 and clips.max() <= 1
+    assert any(c.split(",")[1].strip() in ("spinning", "bouncing", "growing", "swinging") for c in captions if c)
+
+
+def test_exported_prior_loads_as_a_video_prior(exported):
+    prior = VideoDiffusionPrior.from_pretrained(exported)
+    assert prior.num_frames == 3 and prior.resolution == 32 and not prior.is_latent
+    rgb = torch.rand(2, 3, 40, 40, 3)
+    z = prior.encode(rgb)
+    assert z.shape == (2, 3, 3, 32, 32)
+    assert prior.decode(z).shape == (2, 3, 32, 32, 3)
+    clips = sample_videos(prior, ["a red mug, bouncing"], steps=2, generator=torch.Generator().manual_seed(0))
+    assert clips.shape == (1, 3, 32, 32, 3) and 0 <= clips.min() and clips.max() <= 1
+    with pytest.raises(ValueError, match=r"\[B, F, H, W, 3\]"):
+        prior.encode(torch.rand(2, 40, 40, 3))
+
+
+def test_an_image_prior_is_not_a_video_prior():
+    with pytest.raises(PriorNotAvailable, match="is an image model.*UNet3DConditionModel"):
+        VideoDiffusionPrior.from_pretrained("gen3d/shapes-t2i")
+
+
+def test_video_sds_gradient(exported):
+    from gen3d.guidance import GuidanceConfig
+    from gen3d.guidance.video import VideoSDSGuidance
+    from gen3d.priors.prompts import PromptConfig, PromptProcessor
+    from gen3d.cameras import orbit_cameras
+
+    prior = VideoDiffusionPrior.from_pretrained(exported)
+    guidance = VideoSDSGuidance(prior, GuidanceConfig(guidance_scale=5.0))
+    prompts = PromptProcessor(prior, PromptConfig(prompt="a red mug, bouncing"))
+    cams = orbit_cameras(2, width=32, height=32)
+    rgb = torch.rand(2, 3, 32, 32, 3, requires_grad=True)
+    out = guidance(rgb, prompts(cams), 0, 10, generator=torch.Generator().manual_seed(0))
+    assert out.grad.shape == (2, 3, 3, 32, 32) and out.t.shape == (2,)
+    out.loss.backward()
+    # dL/drgb = g / B mapped back through x -> 2x - 1 (pixel prior, no resize at 32x32)
+    expected = 2 * out.grad.permute(0, 2, 3, 4, 1) / 2
+    assert torch.allclose(rgb.grad, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="clips"):
+        guidance(torch.rand(2, 32, 32, 3), prompts(cams), 0, 10)
+
+
+def test_shipped_video_prior():
+    prior = VideoDiffusionPrior.from_pretrained("gen3d/shapes-t2v")
+    assert prior.num_frames == 8 and prior.resolution == 32
+    assert "VideoDiffusionPrior(8 frames" in repr(prior)

@@ -55,8 +55,19 @@ def frozen(system) -> None:
     system.field = DeformationField(system.cfg.deformation).to(system.device)
 
 
-def run_case(kind: str, prompt: str, motion: str, overrides: list[str], out_dir: Path) -> tuple[dict, dict]:
-    """One run: its scores and those of its frozen static stage."""
+FIGURE_CAMERA = dict(elevation=15.0, distance=2.25, fovy=45.0)
+
+
+def front_clip(render_at, size: int = 64, frames: int = 8):
+    """rgb [F, size, size, 3] of a clip from the front camera: ``render_at(cameras, t)`` -> rgb [1, H, W, 3]."""
+    from gen3d.cameras import orbit_cameras
+
+    cams = orbit_cameras(1, FIGURE_CAMERA["elevation"], FIGURE_CAMERA["distance"], FIGURE_CAMERA["fovy"], size, size)
+    return torch.cat([render_at(cams, t) for t in torch.linspace(0, 1, frames).tolist()]).clamp(0, 1)
+
+
+def run_case(kind: str, prompt: str, motion: str, overrides: list[str], out_dir: Path) -> tuple[dict, dict, torch.Tensor]:
+    """One run: its scores, those of its frozen static stage, and its clip from the front (for the figure)."""
     from gen3d.cli import load_run_config
     from gen3d.runs import new_run_dir
     from gen3d.systems.base import write_config
@@ -80,11 +91,12 @@ def run_case(kind: str, prompt: str, motion: str, overrides: list[str], out_dir:
     system.fit()
     seconds = time.perf_counter() - t0
     with torch.no_grad():
+        clip = front_clip(lambda c, t: system.clip_frames(c, [t])[0], frames=cfg.frames)
         row = {"kind": kind, "object": prompt, "motion": motion, "seconds": round(seconds, 1),
                "n_gaussians": system.model.num_gaussians, **_rounded(evaluate(system, animated))}
         frozen(system)
         still = {"kind": f"frozen_{kind}", "object": prompt, "motion": motion, **_rounded(evaluate(system, animated))}
-    return row, still
+    return row, still, clip
 
 
 def _rounded(d: dict[str, float]) -> dict[str, float]:
@@ -109,6 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="one object, 12 steps: a smoke test of the script")
     parser.add_argument("--output-dir", help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--figure", help="PNG of every run's clip from the front, each object's true clip below them")
+    parser.add_argument("--merge", nargs="*", default=[], help="JSON reports of earlier runs to merge into this one")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -117,15 +131,28 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         cases = cases[:1]
         overrides = ["max_steps=12", "static_steps=8", "frames=4", *overrides]
-    rows = []
+    rows, clips = [], []
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(args.output_dir or tmp)
         out_dir.mkdir(parents=True, exist_ok=True)
         for prompt, motion in cases:
             for kind in args.kinds:
-                row, still = run_case(kind, prompt, motion, overrides, out_dir)
+                row, still, clip = run_case(kind, prompt, motion, overrides, out_dir)
                 print(json.dumps(row), json.dumps(still), file=sys.stderr)
                 rows += [row, still]
+                clips.append(clip)
+            if args.figure:
+                from gen3d.world.animation import AnimatedObject
+                from gen3d.world.catalog import parse_prompt
+
+                truth = AnimatedObject(parse_prompt(prompt), motion)
+                clips.append(front_clip(lambda c, t: truth.render(c, t, supersample=2).rgb, frames=clips[-1].shape[0]))
+    if args.figure:
+        from gen3d.export.video import image_grid, save_image
+
+        save_image(args.figure, image_grid(torch.cat(clips), nrow=clips[0].shape[0]))
+    for path in args.merge:  # e.g. the kinds run in another process
+        rows += json.loads(Path(path).read_text())["rows"]
     report = {"benchmark": "shapes-4d", "overrides": overrides, "threads": torch.get_num_threads(), "rows": rows,
               "summary": summarize(rows)}
     print(json.dumps(report, indent=2))

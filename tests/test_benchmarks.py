@@ -208,3 +208,26 @@ def test_bench_flow_quick(capsys):
         assert 0 < row["coverage"] <= 1 and row["min_ms"] <= row["median_ms"]
     assert rows[("teacher", 25)]["speedup"] == 1.0 and rows[("mdt", 1)]["speedup"] > 1
     assert report["ceiling"]["chamfer"] < rows[("teacher", 25)]["chamfer"]  # no sample beats the latent itself
+
+
+def test_bench_4d_quick(capsys, tmp_path):
+    report = load("bench_4d").main(["--quick", "--threads", "1", "--kinds", "video", "text",
+                                    "--figure", str(tmp_path / "4d.png")])
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(report))
+    kinds = {r["kind"]: r for r in report["rows"]}
+    assert set(kinds) == {"video", "frozen_video", "text", "frozen_text"}
+    for row in kinds.values():
+        assert 0 <= row["iou_min"] <= row["iou_mean"] <= 1 and row["motion_error"] >= 0 and row["flicker"] >= 0
+    # the frozen row's motion error is the true motion's own size: a bounce of 0.25 moves points 0.1-0.2 on average
+    assert 0.05 < kinds["frozen_video"]["motion_error"] < 0.25
+    assert (tmp_path / "4d.png").stat().st_size > 0
+    assert report["summary"]["video"]["n"] == 1
+
+
+def test_bench_video_prior_quick(capsys):
+    report = load("bench_video_prior").main(["--quick", "--threads", "1"])
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(report))
+    base = report["seen"]["untrained_inflation"]
+    # the untrained inflation is the image prior on every frame: blind to frame order, exactly
+    assert base["order_ratio"] == 1.0 and base["shuffle_ratio"] == 1.0
+    assert 0.5 < report["seen"]["trained"]["motion_ratio"] < 1.5

@@ -21,8 +21,8 @@ frames in turn. glTF 2.0 (Khronos, spec version 2.0.1) facts this relies on:
 Node i gets a ``scale`` channel with STEP keyframes at times k / fps, k = 0..F: (1, 1, 1) at k = i and (0, 0, 0) at
 the others, so it is visible exactly during its slot [i / fps, (i + 1) / fps) of a clip of F / fps seconds. The
 last key (k = F) only marks the clip's end and repeats frame F - 1's values, so a player that does not loop stops
-on the last frame. Outside an animation player the nodes keep their static identity transform, so every frame
-shows at once. trimesh writes the scene (vertex colors or a baked texture, as `gen3d.export.mesh.save_mesh` would);
+on the last frame. At rest (outside an animation player) frames 1.. are scaled to zero, so a static viewer shows
+frame 0. trimesh writes the scene (vertex colors or a baked texture, as `gen3d.export.mesh.save_mesh` would);
 the animation is appended to the GLB's JSON and binary chunks here, with no extra dependency.
 
 **OBJ sequences.** ``save_mesh_sequence(meshes, "out/clip.obj")`` writes ``out/clip_000.obj``, ``clip_001.obj``
@@ -142,6 +142,8 @@ def add_flipbook_animation(gltf: dict, binary: bytes, node_names: list[str], fps
             if not np.allclose(node["matrix"], np.eye(4).reshape(-1)):
                 raise ValueError(f"add_flipbook_animation: node {n!r} has a non-identity matrix; expected TRS")
             del node["matrix"]
+    for n in node_names[1:]:  # at rest (a viewer that does not play animations) only the first frame shows
+        nodes[index[n]]["scale"] = [0.0, 0.0, 0.0]
 
     times = np.arange(F + 1, dtype=np.float32) / np.float32(fps)  # [F + 1] seconds
     visible = np.eye(F + 1, F, dtype=np.float32)  # [F + 1 keys, F nodes]: node i shown at key i

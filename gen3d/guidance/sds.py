@@ -44,6 +44,10 @@ class SDSGuidance(Guidance):
         self.prior = prior
         self.cfg = cfg or GuidanceConfig()
 
+    def noise(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The diffusion noise eps, shaped like z."""
+        return noise_like(z, generator)
+
     def guide(
         self,
         z: Tensor,
@@ -59,7 +63,7 @@ class SDSGuidance(Guidance):
         B = z.shape[0]
         z = z.float()
         t = self.timesteps(B, step, max_steps, generator).to(z.device)  # [B]
-        eps = noise_like(z, generator)  # [B, C, h, w]
+        eps = self.noise(z, generator)  # [B, C, h, w]
         with torch.no_grad():
             x_t = prior.add_noise(z.detach(), eps, t)
             pred = guided_noise(prior, x_t, t, prompts, self.scale(step, max_steps), cfg.perp_neg_scale)

@@ -8,7 +8,8 @@ clip at once: the clip is encoded to z ``[B, C, F, h, w]``, noised with one diff
     g = w(t) (eps^(x_t; prompt) - eps)
 
 is the same estimate as image SDS (`gen3d.guidance.sds`), but the video model's temporal layers make eps^ depend
-on every frame, so g moves each frame toward a motion the model finds likely. Classifier-free guidance, weighting,
+on every frame, so g moves each frame toward a motion the model finds likely. The noise eps is drawn as the model was
+trained (the embedded prior: frames share part of it, `gen3d.priors.video.mixed_noise`). Classifier-free guidance, weighting,
 timestep range and clipping are `GuidanceConfig`'s.
 """
 
@@ -39,3 +40,7 @@ class VideoSDSGuidance(SDSGuidance):
             raise ValueError(f"VideoSDSGuidance: {rgb.shape[0]} clips but {len(prompts)} text conditions")
         z = self.prior.encode(rgb, generator=generator)
         return self.guide(z, prompts, step, max_steps, generator, cameras)
+
+    def noise(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The noise the video model was trained with (frames partly shared, `gen3d.priors.video.mixed_noise`)."""
+        return self.prior.noise(z, generator)

@@ -222,7 +222,7 @@ class DiffusionPrior:
                     module.to(dtype=self.dtype)
                 _freeze(module)
 
-        in_channels = unet.config.in_channels
+        in_channels = unet.config.in_channels - getattr(self, "extra_channels", 0)  # a subclass's own inputs
         if vae is None and in_channels != 3:
             raise PriorNotAvailable(
                 f"prior {model_name!r}: the UNet takes {in_channels}-channel latents but there is no vae "

@@ -44,8 +44,13 @@ class VideoDiffusionPrior(DiffusionPrior):
                 f"prior {kwargs.get('model_name', '')!r} is an image model ({type(unet).__name__}); video guidance "
                 f"needs a text-to-video model with a UNet3DConditionModel, e.g. the embedded gen3d/shapes-t2v"
             )
+        config = unet.config
+        self.time_channel = vae is None and config.in_channels == config.out_channels + 1
+        self.extra_channels = int(self.time_channel)
         super().__init__(unet, scheduler, text_encoder, tokenizer, vae, **kwargs)
         self.num_frames = int(num_frames or DEFAULT_FRAMES)
+        self.noise_correlation = 0.0
+        """α of the mixed noise the model was trained with (`mixed_noise`; 0: independent per frame, hub models)."""
 
     @classmethod
     def from_pretrained(cls, model: str, **kwargs) -> "VideoDiffusionPrior":
@@ -55,8 +60,14 @@ class VideoDiffusionPrior(DiffusionPrior):
 
         card = _locate(str(model), False, kwargs.get("cache_dir")) / "gen3d_prior.json"
         if card.is_file():
-            prior.num_frames = int(json.loads(card.read_text()).get("frames", prior.num_frames))
+            info = json.loads(card.read_text())
+            prior.num_frames = int(info.get("frames", prior.num_frames))
+            prior.noise_correlation = float(info.get("noise_correlation", 0.0))
         return prior
+
+    def noise(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Diffusion noise shaped like z ``[B, C, F, h, w]`` as the model was trained on it (`mixed_noise`)."""
+        return mixed_noise(z.shape, self.noise_correlation, generator).to(z.device)
 
     def encode(self, rgb: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Clips ``[B, F, H, W, 3]`` in [0, 1] -> z ``[B, C, F, h, w]`` (differentiable)."""
@@ -72,6 +83,13 @@ class VideoDiffusionPrior(DiffusionPrior):
         frames = super().decode(z.transpose(1, 2).flatten(0, 1))
         return frames.view(B, Fr, *frames.shape[1:])
 
+    def unet_eps(self, x_t: Tensor, t: Tensor, text: Tensor) -> Tensor:
+        """One UNet call as epsilon on clips x_t ``[N, C, F, h, w]``; a UNet with a time channel gets it appended."""
+        if not self.time_channel:
+            return super().unet_eps(x_t, t, text)
+        eps = super().unet_eps(with_time_channel(x_t), t, text)
+        return eps
+
     def _abar(self, t: Tensor) -> Tensor:  # [B] -> [B, 1, 1, 1, 1]
         return self.alphas_cumprod[t.to(self.device).long()].view(-1, 1, 1, 1, 1)
 
@@ -80,6 +98,35 @@ class VideoDiffusionPrior(DiffusionPrior):
 
     def __repr__(self) -> str:
         return super().__repr__().replace("DiffusionPrior(", f"VideoDiffusionPrior({self.num_frames} frames, ", 1)
+
+
+def mixed_noise(shape, alpha: float, generator: torch.Generator | None = None) -> Tensor:
+    """Gaussian noise ``[B, C, F, h, w]`` whose frames share a part: ``(alpha e_shared + e_f) / sqrt(1 + alpha^2)``,
+    unit variance per entry, correlation alpha^2 / (1 + alpha^2) between frames (PYoCo's mixed noise, Ge et al. 2023,
+    "Preserve Your Own Correlation: A Noise Prior for Video Diffusion Models"; alpha = 0 is independent noise).
+
+    A video model trained on it sees frames that differ only where the content does, which makes their relation
+    (the motion) easier to learn, and samples whose frames agree from the first step on.
+    """
+    device = generator.device if generator is not None else "cpu"
+    own = torch.randn(tuple(shape), generator=generator, device=device)
+    if not alpha:
+        return own
+    B, C, _, h, w = shape
+    shared = torch.randn((B, C, 1, h, w), generator=generator, device=device)
+    return (alpha * shared + own) / (1 + alpha * alpha) ** 0.5
+
+
+def with_time_channel(x: Tensor) -> Tensor:
+    """Clips ``[N, C, F, h, w]`` with one more channel holding each frame's time, from -1 (first) to 1 (last).
+
+    The embedded video prior's UNet takes it (in_channels = out_channels + 1, like CoordConv's coordinate channels,
+    Liu et al. 2018): diffusers' `UNet3DConditionModel` has no frame-position embedding, and without one a motion
+    such as "bouncing" (up at the middle frames, down at the ends) cannot be told from its reverse or placed in time.
+    """
+    N, _, F_, h, w = x.shape
+    time = torch.linspace(-1, 1, F_, device=x.device, dtype=x.dtype).view(1, 1, F_, 1, 1).expand(N, 1, F_, h, w)
+    return torch.cat([x, time], 1)
 
 
 def _is_video_unet(unet) -> bool:
@@ -95,9 +142,9 @@ def sample_videos(prior: VideoDiffusionPrior, prompts: list[str], steps: int = 2
 
     cond = prior.encode_text(prompts)
     uncond = prior.encode_text([""]).expand_as(cond)
-    shape = (len(prompts), prior.unet.config.in_channels, frames or prior.num_frames, prior.latent_size,
+    shape = (len(prompts), prior.unet.config.out_channels, frames or prior.num_frames, prior.latent_size,
              prior.latent_size)
-    x = torch.randn(shape, generator=generator).to(prior.device, torch.float32)
+    x = mixed_noise(shape, prior.noise_correlation, generator).to(prior.device, torch.float32)
 
     def eps_fn(x_t: Tensor, t: Tensor) -> Tensor:
         return prior.predict_noise(x_t.to(prior.dtype), t, cond, uncond, guidance_scale).eps_guided

@@ -315,3 +315,13 @@ def test_turntable_of_dynamic_gaussians_matches_direct_renders():
     clip = fixed_view_frames(render, [0.0, 0.75], cameras[0])
     torch.testing.assert_close(clip[0], video[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(clip[1], still.clamp(0, 1), atol=1e-4, rtol=0)  # t = 3/4: no motion
+
+
+def test_glb_flipbook_shows_frame_0_at_rest(tmp_path):
+    """A viewer that does not play the animation sees frame 0 only: the other nodes rest at scale 0."""
+    from gen3d.export.sequence import read_glb
+
+    path = save_mesh_sequence(colored_frames(3), tmp_path / "clip.glb", fps=8)
+    gltf, _ = read_glb(path.read_bytes())
+    scales = {n["name"]: n.get("scale", [1.0, 1.0, 1.0]) for n in gltf["nodes"] if n.get("name", "").startswith("frame_")}
+    assert scales == {"frame_000": [1.0, 1.0, 1.0], "frame_001": [0.0, 0.0, 0.0], "frame_002": [0.0, 0.0, 0.0]}

@@ -5,7 +5,7 @@ import torch
 
 from gen3d.errors import PriorNotAvailable
 from gen3d.priors.diffusion import DiffusionPrior
-from gen3d.priors.video import VideoDiffusionPrior, sample_videos
+from gen3d.priors.video import VideoDiffusionPrior, sample_videos, with_time_channel
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_inflated_model_is_the_image_prior_on_every_frame(trainer):
     text = trainer.encode(prompts)
     assert torch.allclose(text, image.encode_text(prompts), atol=1e-5)
     with torch.no_grad():
-        video = trainer.unet(x, t, text).sample
+        video = trainer.unet(with_time_channel(x), t, text).sample
         frames = [image.unet(x[:, :, f], t, text).sample for f in range(3)]
     assert torch.allclose(video, torch.stack(frames, 2), atol=1e-4)
 
@@ -58,6 +58,9 @@ def test_clips_hold_the_motion(trainer):
 def test_exported_prior_loads_as_a_video_prior(exported):
     prior = VideoDiffusionPrior.from_pretrained(exported)
     assert prior.num_frames == 3 and prior.resolution == 32 and not prior.is_latent
+    assert prior.time_channel and prior.unet.config.in_channels == 4  # the frames' times go in as a 4th channel
+    x = with_time_channel(torch.zeros(2, 3, 3, 4, 4))
+    assert x.shape == (2, 4, 3, 4, 4) and x[:, 3, :, 0, 0].tolist() == [[-1.0, 0.0, 1.0]] * 2
     rgb = torch.rand(2, 3, 40, 40, 3)
     z = prior.encode(rgb)
     assert z.shape == (2, 3, 3, 32, 32)
@@ -98,3 +101,15 @@ def test_shipped_video_prior():
     prior = VideoDiffusionPrior.from_pretrained("gen3d/shapes-t2v")
     assert prior.num_frames == 8 and prior.resolution == 32
     assert "VideoDiffusionPrior(8 frames" in repr(prior)
+
+
+def test_mixed_noise_statistics():
+    """Unit variance per entry; frames correlated by alpha^2 / (1 + alpha^2); alpha = 0 is independent noise."""
+    from gen3d.priors.video import mixed_noise
+
+    g = torch.Generator().manual_seed(0)
+    for alpha, corr in ((0.0, 0.0), (1.0, 0.5), (2.0, 0.8)):
+        e = mixed_noise((64, 3, 4, 16, 16), alpha, g)
+        assert abs(e.var().item() - 1) < 0.02
+        a, b = e[:, :, 0].flatten(), e[:, :, 3].flatten()
+        assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item() - corr) < 0.02

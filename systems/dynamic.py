@@ -216,7 +216,7 @@ class Dynamic4D:
                             height=size).to(self.device)
         frames = torch.randint(0, cfg.frames, (cfg.frame_views,), generator=self.generator).tolist()
         times = self.times()
-        bg = self.background_for(1).expand(1, 3)
+        bg = self.background_for(1)
         outs = [self.render_at(cams[i:i + 1], times[f], bg) for i, f in enumerate(frames)]
         out = RenderOutput(rgb=torch.cat([o.rgb for o in outs]), alpha=torch.cat([o.alpha for o in outs]),
                            depth=torch.cat([o.depth for o in outs]))
@@ -462,11 +462,7 @@ class DreamGaussian4D(Dynamic4D, Zero123):
         save_image(self.run_dir / "reference.png", clip[0].rgb)
         save_image(self.run_dir / "reference_clip.png", image_grid(self.clip_rgb.cpu(), nrow=cfg.frames))
         self.log.info(f"input video: {cfg.video}, {cfg.frames} frames prepared at {cfg.image_size}x{cfg.image_size}")
-        one = lambda v: torch.tensor([float(v)])  # noqa: E731
-        from gen3d.cameras import spherical_cameras
-
-        self.ref_camera = spherical_cameras(one(0.0), one(cfg.elevation), one(cfg.ref_distance), one(cfg.ref_fovy),
-                                            cfg.image_size, cfg.image_size).to(self.device)
+        self.ref_camera = self.input_camera()
 
     def setup_guidance(self) -> None:
         super().setup_guidance()
@@ -504,9 +500,7 @@ class DreamGaussian4D(Dynamic4D, Zero123):
         total: dict[str, torch.Tensor] = {}
         for i, t in enumerate(times):
             out = self.render_at(self.ref_camera, t, white)
-            self.ref_rgb, self.ref_mask = self.clip_rgb[i:i + 1], self.clip_mask[i:i + 1]
-            for k, v in self.reference_losses(out, step).items():
+            for k, v in self.reference_losses(out, step, self.clip_rgb[i:i + 1], self.clip_mask[i:i + 1]).items():
                 total[k] = total.get(k, 0.0) + v / len(times)
-        self.ref_rgb, self.ref_mask = self.clip_rgb[:1], self.clip_mask[:1]
         return total
 

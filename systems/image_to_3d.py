@@ -122,15 +122,24 @@ class ImageTo3D:
         self.log.info(f"input image: {cfg.image} ({ref.source_size[0]}x{ref.source_size[1]}, mask from {ref.mask_from}), "
                       f"prepared at {cfg.image_size}x{cfg.image_size} filling {ref.fill_ratio:.0%}"
                       + ("" if cfg.recenter else " (its own framing)"))
-        one = lambda v: torch.tensor([float(v)])  # noqa: E731
-        self.ref_camera = spherical_cameras(one(0.0), one(cfg.elevation), one(cfg.ref_distance), one(cfg.ref_fovy),
-                                            cfg.image_size, cfg.image_size).to(self.device)
+        self.ref_camera = self.input_camera()
 
-    def reference_losses(self, out: RenderOutput, step: int) -> dict[str, torch.Tensor]:
-        """The input view's weighted RGB and mask MSE for a render `out` from the input camera."""
+    def input_camera(self) -> Cameras:
+        """The camera of the input view: azimuth 0, `elevation`, `ref_distance`, `ref_fovy`, `image_size` pixels."""
         cfg = self.cfg
-        return {"ref_rgb": schedule_value(cfg.lambda_rgb, step, cfg.max_steps) * (out.rgb - self.ref_rgb).square().mean(),
-                "ref_mask": schedule_value(cfg.lambda_mask, step, cfg.max_steps) * (out.alpha - self.ref_mask).square().mean()}
+        one = lambda v: torch.tensor([float(v)])  # noqa: E731
+        return spherical_cameras(one(0.0), one(cfg.elevation), one(cfg.ref_distance), one(cfg.ref_fovy),
+                                 cfg.image_size, cfg.image_size).to(self.device)
+
+    def reference_losses(self, out: RenderOutput, step: int, rgb: torch.Tensor | None = None,
+                         mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The weighted RGB and mask MSE of a render `out` from the input camera against the input view (or against
+        `rgb` / `mask`, another frame of an input video)."""
+        cfg = self.cfg
+        rgb = self.ref_rgb if rgb is None else rgb
+        mask = self.ref_mask if mask is None else mask
+        return {"ref_rgb": schedule_value(cfg.lambda_rgb, step, cfg.max_steps) * (out.rgb - rgb).square().mean(),
+                "ref_mask": schedule_value(cfg.lambda_mask, step, cfg.max_steps) * (out.alpha - mask).square().mean()}
 
     @staticmethod
     def joint(text: GuidanceOutput, image: GuidanceOutput) -> GuidanceOutput:

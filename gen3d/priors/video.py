@@ -87,8 +87,7 @@ class VideoDiffusionPrior(DiffusionPrior):
         """One UNet call as epsilon on clips x_t ``[N, C, F, h, w]``; a UNet with a time channel gets it appended."""
         if not self.time_channel:
             return super().unet_eps(x_t, t, text)
-        eps = super().unet_eps(with_time_channel(x_t), t, text)
-        return eps
+        return super().unet_eps(with_time_channel(x_t), t, text)
 
     def _abar(self, t: Tensor) -> Tensor:  # [B] -> [B, 1, 1, 1, 1]
         return self.alphas_cumprod[t.to(self.device).long()].view(-1, 1, 1, 1, 1)

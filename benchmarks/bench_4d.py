@@ -17,6 +17,12 @@ flicker (frame-to-frame change of the front view that the true motion does not e
 
     python benchmarks/bench_4d.py > benchmarks/results/4d.json
     python benchmarks/bench_4d.py --quick          # one object, few steps: a smoke test
+
+With a prior that does know its motion words, such as the single-object control of `bench_video_prior.py`, the same
+script shows whether text-to-4D turns that knowledge into motion:
+
+    python benchmarks/bench_4d.py --kinds text text_no_video --objects "a red sphere" --motions bounce grow \
+        --override video_prior=/tmp/t2v-one
 """
 
 from __future__ import annotations
@@ -117,6 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--kinds", nargs="*", default=["text", "text_no_video", "video"],
                         help="runs per object among text, text_no_video, video")
     parser.add_argument("--motions", nargs="*", help="only these motions (bounce, grow, swing, spin)")
+    parser.add_argument("--objects", nargs="*", help="these objects (\"a red sphere\") under every chosen motion, in "
+                        "place of the four default cases")
     parser.add_argument("--override", nargs="*", default=[], help="config overrides for every run")
     parser.add_argument("--quick", action="store_true", help="one object, 12 steps: a smoke test of the script")
     parser.add_argument("--output-dir", help="keep the runs here (default: a temporary folder)")
@@ -126,7 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cases = [c for c in CASES if not args.motions or c[1] in args.motions]
+    cases = [(o, m) for o in args.objects for m in VERBS] if args.objects else CASES
+    cases = [c for c in cases if not args.motions or c[1] in args.motions]
     overrides = list(args.override)
     if args.quick:
         cases = cases[:1]

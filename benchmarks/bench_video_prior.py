@@ -1,19 +1,27 @@
-"""Does the embedded text-to-video prior know the motions? Denoising losses on fresh true clips.
+"""Does the embedded text-to-video prior know the motions? Denoising errors on fresh true clips.
 
 For clips of animated Shapes-world objects rendered anew (seed 1000, not the training clips; seen objects and the
-held-out color/shape pairs), the prior's ε-prediction error at t in {200, 400, 600} is compared across captions and
-frame orders. Each ratio is loss(right) / loss(altered); 1 means the prior ignores what was altered:
+held-out color/shape pairs), the prior's denoising error at each t in {200, 400, 600, 700, 850, 950} is compared across
+captions and frame orders. Each ratio is error(right) / error(altered) at one t (the same for the ε and the x0 error);
+1 means the prior ignores what was altered:
 
-- ``motion_ratio``: the right motion word over the three other motion words ("a red mug, bouncing" vs "..., spinning");
-- ``order_ratio``: the frames in their order over the same frames reversed in time (grow, bounce, spin and swing all
+- ``motion``: the right motion word over the three other motion words ("a red mug, bouncing" vs "..., spinning");
+- ``order``: the frames in their order over the same frames reversed in time (grow, bounce, spin and swing all
   look different played backwards: a shrinking object, a spin the other way; bounce is its own reverse, so its
   ratio stays near 1);
-- ``shuffle_ratio``: in order over randomly shuffled frames (temporal coherence).
+- ``shuffle``: in order over randomly shuffled frames (temporal coherence).
 
-The reference in the same run is the untrained inflation of the image prior (``--baseline``, the video UNet before
-training: the image prior on every frame), whose ratios are 1 by construction for order and near 1 for the motion.
+The motion word can only matter where the noisy clip does not already show the motion: at high noise (t >= 700),
+where video SDS decides what moves. ``motion_high_noise`` sums those t. At low noise a perfect model scores
+near 1 too.
 
-    python benchmarks/bench_video_prior.py --figure docs/video_prior_samples.png > benchmarks/results/video_prior.json
+References in the same run: the untrained inflation of the image prior (the video UNet before training: the image
+prior on every frame; its order ratios are 1 by construction), and with ``--compare`` other priors, such as the
+single-object control that shows how far the ratio moves when a prior does learn the motion words:
+
+    gen3d world train-video-prior max_objects=1 steps=600 high_noise_weight_cap=20 output=/tmp/t2v-one work_dir=/tmp/t2v-one-work
+    python benchmarks/bench_video_prior.py --compare /tmp/t2v-one --figure docs/video_prior_clips.png \
+        > benchmarks/results/video_prior.json
 """
 
 from __future__ import annotations
@@ -51,10 +59,17 @@ def clips(objects, frames: int, size: int, seed: int):
     return torch.stack(out), info
 
 
+TIMESTEPS = (200, 400, 600, 700, 850, 950)
+HIGH_NOISE = 700
+
+
 @torch.no_grad()
-def ratios(prior, data, info, seed: int = 0) -> dict[str, float]:
+def ratios(prior, data, info, seed: int = 0) -> dict:
+    """Per t: the motion, order and shuffle ratios; ``motion_high_noise`` over t >= HIGH_NOISE; per motion at high
+    noise."""
     g = torch.Generator().manual_seed(seed)
-    sums = {"right": 0.0, "wrong_motion": 0.0, "reversed": 0.0, "shuffled": 0.0}
+    keys = ("right", "wrong_motion", "reversed", "shuffled")
+    sums = {t: dict.fromkeys(keys, 0.0) for t in TIMESTEPS}
     per_motion: dict[str, list[float]] = {m: [0.0, 0.0] for m in VERBS}
     frames = data.shape[2]
     for x0, (obj, motion, view) in zip(data, info):
@@ -62,7 +77,7 @@ def ratios(prior, data, info, seed: int = 0) -> dict[str, float]:
         caps = [f"{base}, {VERBS[motion]}, {view} view"] + [f"{base}, {VERBS[m]}, {view} view" for m in VERBS if m != motion]
         emb = prior.encode_text(caps)
         perm = torch.randperm(frames, generator=g)
-        for t in (200, 400, 600):
+        for t in TIMESTEPS:
             eps = prior.noise(x0[None], g)[0]  # as the model was trained: mixed noise for the embedded prior
             ab = prior.alphas_cumprod[t]
             # the altered clips carry their noise with their frames: a model blind to time scores them exactly equal
@@ -73,16 +88,23 @@ def ratios(prior, data, info, seed: int = 0) -> dict[str, float]:
             out = prior.unet_eps(xs, torch.full((len(xs),), t), text)
             target = torch.stack([eps] * len(caps) + [e_rev, e_shuf])
             err = (out - target).pow(2).flatten(1).mean(1)
-            sums["right"] += err[0].item()
-            sums["wrong_motion"] += err[1:len(caps)].mean().item()
-            sums["reversed"] += err[len(caps)].item()
-            sums["shuffled"] += err[len(caps) + 1].item()
-            per_motion[motion][0] += err[0].item()
-            per_motion[motion][1] += err[len(caps)].item()
-    return {"motion_ratio": round(sums["right"] / sums["wrong_motion"], 4),
-            "order_ratio": round(sums["right"] / sums["reversed"], 4),
-            "shuffle_ratio": round(sums["right"] / sums["shuffled"], 4),
-            "order_ratio_per_motion": {m: round(a / b, 4) for m, (a, b) in per_motion.items()}}
+            s = sums[t]
+            s["right"] += err[0].item()
+            s["wrong_motion"] += err[1:len(caps)].mean().item()
+            s["reversed"] += err[len(caps)].item()
+            s["shuffled"] += err[len(caps) + 1].item()
+            if t >= HIGH_NOISE:  # x0 errors (ε error * (1 - ab) / ab), so the noisiest t weigh most
+                w = ((1 - ab) / ab).item()
+                per_motion[motion][0] += w * err[0].item()
+                per_motion[motion][1] += w * err[1:len(caps)].mean().item()
+    r = lambda a, b: round(a / b, 4)  # noqa: E731
+    high = [t for t in TIMESTEPS if t >= HIGH_NOISE]
+    x0w = {t: ((1 - prior.alphas_cumprod[t]) / prior.alphas_cumprod[t]).item() for t in high}
+    return {"motion_high_noise": r(sum(x0w[t] * sums[t]["right"] for t in high),
+                                   sum(x0w[t] * sums[t]["wrong_motion"] for t in high)),
+            "motion_high_noise_per_motion": {m: r(a, b) for m, (a, b) in per_motion.items()},
+            "per_t": {t: {"motion": r(s["right"], s["wrong_motion"]), "order": r(s["right"], s["reversed"]),
+                          "shuffle": r(s["right"], s["shuffled"])} for t, s in sums.items()}}
 
 
 def baseline_prior(frames: int):
@@ -103,6 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prior", default="gen3d/shapes-t2v")
+    parser.add_argument("--compare", nargs="*", default=[], help="other priors to score on the same clips")
     parser.add_argument("--objects", type=int, default=8, help="seen objects (every 19th training object)")
     parser.add_argument("--quick", action="store_true", help="1 object, no held-out ones: a smoke test")
     parser.add_argument("--figure", help="write sampled clips (one row per prompt) to this PNG")
@@ -115,9 +138,11 @@ def main(argv: list[str] | None = None) -> dict:
     groups = {"seen": seen} if args.quick else {"seen": seen, "held_out": held_out_objects()}
     report = {"benchmark": "video-prior", "prior": args.prior, "frames": prior.num_frames}
     base = baseline_prior(prior.num_frames)
+    compared = {path: VideoDiffusionPrior.from_pretrained(path) for path in args.compare}
     for name, objects in groups.items():
         data, info = clips(objects, prior.num_frames, prior.resolution, seed=1000)
-        report[name] = {"clips": len(data), "trained": ratios(prior, data, info), "untrained_inflation": ratios(base, data, info)}
+        report[name] = {"clips": len(data), "trained": ratios(prior, data, info), "untrained_inflation": ratios(base, data, info),
+                        **{path: ratios(other, data, info) for path, other in compared.items()}}
         print(json.dumps({name: report[name]}), file=sys.stderr)
     if args.figure:
         from gen3d.export.video import image_grid, save_image

@@ -74,6 +74,11 @@ class VideoPriorTrainConfig(PriorTrainConfig):
     """α of PYoCo's mixed noise (`gen3d.priors.video.mixed_noise`: frames share part of their noise; 0: independent).
     With independent noise (and a time channel), after 500 steps sampled frames still chose their backgrounds each on
     its own and the motion words made no difference to the loss (ratio 0.999)."""
+    high_noise_weight_cap: float = 0.0
+    """Where SNR < 1, weight the ε-loss by min(1/SNR, this) instead of 1: the x0 error with weight 1, as truncated-SNR
+    weighting does (Salimans & Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models"). ε-prediction
+    weights the x0 error by SNR, so the noisy steps where a clip's layout and motion are decided teach little
+    (0: off, the ε-loss of `train_prior`)."""
     init_from: str = "gen3d/shapes-t2i"
     """Image prior whose UNet and text encoder initialize the spatial layers ("" trains from scratch)."""
     sample_every: int = 0
@@ -181,6 +186,19 @@ class VideoPriorTrainer(PriorTrainer):
             x_t = with_time_channel(x_t)
         pred = self.unet(x_t, t, self.encode(captions)).sample
         return self.optimize(self.diffusion_loss(pred, eps, t))
+
+    def diffusion_loss(self, pred: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """`PriorTrainer.diffusion_loss` (ε-MSE, Min-SNR-γ), with `high_noise_weight_cap`'s weights where SNR < 1."""
+        cfg = self.cfg
+        per_example = (pred - eps).pow(2).flatten(1).mean(1)
+        ab = self.abar[t]
+        snr = ab / (1 - ab)
+        weight = torch.ones_like(snr)
+        if cfg.min_snr_gamma > 0:
+            weight = snr.clamp(max=cfg.min_snr_gamma) / snr
+        if cfg.high_noise_weight_cap > 0:
+            weight = torch.where(snr < 1, (1 / snr).clamp(max=cfg.high_noise_weight_cap), weight)
+        return (per_example * weight).mean()
 
     def prior(self):
         from gen3d.priors.video import VideoDiffusionPrior

@@ -113,3 +113,27 @@ def test_mixed_noise_statistics():
         assert abs(e.var().item() - 1) < 0.02
         a, b = e[:, :, 0].flatten(), e[:, :, 3].flatten()
         assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item() - corr) < 0.02
+
+
+def test_high_noise_weighting(trainer):
+    """high_noise_weight_cap: where SNR < 1 the ε error is weighted by min(1 / SNR, cap) (the x0 error, capped);
+    elsewhere Min-SNR-γ as for the image prior; 0 leaves the image prior's loss."""
+    from dataclasses import replace
+
+    g = torch.Generator().manual_seed(0)
+    pred, eps = torch.randn(3, 3, 2, 4, 4, generator=g), torch.randn(3, 3, 2, 4, 4, generator=g)
+    t = torch.tensor([10, 800, 990])  # SNR far above gamma, ~0.1 (1/SNR below the cap), ~2e-4 (above it)
+    per = (pred - eps).pow(2).flatten(1).mean(1)
+    snr = trainer.abar[t] / (1 - trainer.abar[t])
+    gamma = trainer.cfg.min_snr_gamma
+    assert trainer.cfg.high_noise_weight_cap == 0
+    assert torch.allclose(trainer.diffusion_loss(pred, eps, t), (per * torch.stack([gamma / snr[0], torch.tensor(1.0),
+                                                                                     torch.tensor(1.0)])).mean())
+    saved = trainer.cfg
+    try:
+        trainer.cfg = replace(saved, high_noise_weight_cap=20.0)
+        assert 1 < 1 / snr[1] < 20 < 1 / snr[2]
+        expected = (per * torch.stack([gamma / snr[0], 1 / snr[1], torch.tensor(20.0)])).mean()
+        assert torch.allclose(trainer.diffusion_loss(pred, eps, t), expected)
+    finally:
+        trainer.cfg = saved

@@ -98,10 +98,7 @@ def ratios(prior, data, info, seed: int = 0) -> dict:
                 per_motion[motion][0] += w * err[0].item()
                 per_motion[motion][1] += w * err[1:len(caps)].mean().item()
     r = lambda a, b: round(a / b, 4)  # noqa: E731
-    high = [t for t in TIMESTEPS if t >= HIGH_NOISE]
-    x0w = {t: ((1 - prior.alphas_cumprod[t]) / prior.alphas_cumprod[t]).item() for t in high}
-    return {"motion_high_noise": r(sum(x0w[t] * sums[t]["right"] for t in high),
-                                   sum(x0w[t] * sums[t]["wrong_motion"] for t in high)),
+    return {"motion_high_noise": r(sum(a for a, _ in per_motion.values()), sum(b for _, b in per_motion.values())),
             "motion_high_noise_per_motion": {m: r(a, b) for m, (a, b) in per_motion.items()},
             "per_t": {t: {"motion": r(s["right"], s["wrong_motion"]), "order": r(s["right"], s["reversed"]),
                           "shuffle": r(s["right"], s["shuffled"])} for t, s in sums.items()}}

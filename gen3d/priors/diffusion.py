@@ -197,6 +197,9 @@ class DiffusionPrior:
     text embeddings are ``[B, L, D]``.
     """
 
+    extra_channels = 0
+    """UNet input channels beyond the latents that a subclass appends itself (the video prior's time channel)."""
+
     def __init__(
         self,
         unet: torch.nn.Module,
@@ -222,7 +225,7 @@ class DiffusionPrior:
                     module.to(dtype=self.dtype)
                 _freeze(module)
 
-        in_channels = unet.config.in_channels - getattr(self, "extra_channels", 0)  # a subclass's own inputs
+        in_channels = unet.config.in_channels - self.extra_channels
         if vae is None and in_channels != 3:
             raise PriorNotAvailable(
                 f"prior {model_name!r}: the UNet takes {in_channels}-channel latents but there is no vae "

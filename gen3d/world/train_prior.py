@@ -173,15 +173,22 @@ class DiffusionTrainer:
         self.data = None
         self._stop = False
 
-    def diffusion_loss(self, pred: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """ε-prediction MSE per example, weighted by Min-SNR-γ (`TrainConfig.min_snr_gamma`), averaged."""
-        per_example = (pred - eps).pow(2).flatten(1).mean(1)
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """Signal-to-noise ratio abar / (1 - abar) of timesteps t."""
+        ab = self.abar[t]
+        return ab / (1 - ab)
+
+    def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-example weights of the ε-MSE: Min-SNR-γ (`TrainConfig.min_snr_gamma`; 0: all 1)."""
         gamma = self.cfg.min_snr_gamma
         if gamma > 0:
-            ab = self.abar[t]
-            snr = ab / (1 - ab)
-            per_example = per_example * snr.clamp(max=gamma) / snr
-        return per_example.mean()
+            snr = self.snr(t)
+            return snr.clamp(max=gamma) / snr
+        return torch.ones(len(t))
+
+    def diffusion_loss(self, pred: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """ε-prediction MSE per example, weighted by `loss_weights`, averaged."""
+        return ((pred - eps).pow(2).flatten(1).mean(1) * self.loss_weights(t)).mean()
 
     def lr_at(self, step: int) -> float:
         from gen3d.schedules import warmup_cosine

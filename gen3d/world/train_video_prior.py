@@ -187,18 +187,13 @@ class VideoPriorTrainer(PriorTrainer):
         pred = self.unet(x_t, t, self.encode(captions)).sample
         return self.optimize(self.diffusion_loss(pred, eps, t))
 
-    def diffusion_loss(self, pred: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """`PriorTrainer.diffusion_loss` (ε-MSE, Min-SNR-γ), with `high_noise_weight_cap`'s weights where SNR < 1."""
-        cfg = self.cfg
-        per_example = (pred - eps).pow(2).flatten(1).mean(1)
-        ab = self.abar[t]
-        snr = ab / (1 - ab)
-        weight = torch.ones_like(snr)
-        if cfg.min_snr_gamma > 0:
-            weight = snr.clamp(max=cfg.min_snr_gamma) / snr
-        if cfg.high_noise_weight_cap > 0:
-            weight = torch.where(snr < 1, (1 / snr).clamp(max=cfg.high_noise_weight_cap), weight)
-        return (per_example * weight).mean()
+    def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """`PriorTrainer.loss_weights` (Min-SNR-γ), with `high_noise_weight_cap`'s weights where SNR < 1."""
+        weight = super().loss_weights(t)
+        if self.cfg.high_noise_weight_cap > 0:
+            snr = self.snr(t)
+            weight = torch.where(snr < 1, (1 / snr).clamp(max=self.cfg.high_noise_weight_cap), weight)
+        return weight
 
     def prior(self):
         from gen3d.priors.video import VideoDiffusionPrior
@@ -272,10 +267,8 @@ def inflate_from_image_prior(unet, text_encoder, tokenizer, image_prior: str) ->
     own = unet.state_dict()
     spatial = source.unet.state_dict()
     extra = own["conv_in.weight"].shape[1] - spatial["conv_in.weight"].shape[1]  # the time channel: zero weights
-    if extra > 0:
-        spatial["conv_in.weight"] = torch.cat([spatial["conv_in.weight"],
-                                               spatial["conv_in.weight"].new_zeros(own["conv_in.weight"].shape[0], extra,
-                                                                                   *own["conv_in.weight"].shape[2:])], 1)
+    if extra > 0:  # conv weight [out, in, kh, kw]: pad the input dimension
+        spatial["conv_in.weight"] = F.pad(spatial["conv_in.weight"], (0, 0, 0, 0, 0, extra))
     if set(spatial) - set(own) or any(own[k].numel() != v.numel() for k, v in spatial.items()):
         raise ValueError(f"{image_prior}: its UNet does not have the video UNet's spatial layout "
                          f"(block_out_channels / text_dim must match the image prior's)")

@@ -34,7 +34,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-VERBS = {"spin": "spinning", "bounce": "bouncing", "grow": "growing", "swing": "swinging"}
+from gen3d.world.animation import VERBS
 
 
 def clips(objects, frames: int, size: int, seed: int):

@@ -122,8 +122,10 @@ class Dynamic4D:
     def times(self) -> list[float]:
         return self.dynamic.times(self.cfg.frames)
 
-    def setup_video_prior(self, prompt: str) -> None:
-        """The text-to-video prior and video SDS for `prompt` (skipped when lambda_video is 0)."""
+    def setup_video_prior(self, prompt: str, prior=None) -> None:
+        """The text-to-video prior (`cfg.video_prior`, or `prior`: a `VideoDiffusionPrior` made by the caller, such
+        as the benchmark's `gen3d.world.oracle.ExactVideoDenoiser`) and video SDS for `prompt` (skipped when
+        lambda_video is 0)."""
         from gen3d.guidance.video import VideoSDSGuidance
         from gen3d.priors.prompts import PromptConfig, PromptProcessor
         from gen3d.priors.video import VideoDiffusionPrior
@@ -131,8 +133,8 @@ class Dynamic4D:
         cfg = self.cfg
         if not cfg.lambda_video:
             return
-        self.video_prior = VideoDiffusionPrior.from_pretrained(cfg.video_prior, device=self.device, dtype=cfg.dtype,
-                                                               download=cfg.download)
+        self.video_prior = prior or VideoDiffusionPrior.from_pretrained(cfg.video_prior, device=self.device,
+                                                                        dtype=cfg.dtype, download=cfg.download)
         self.video_prompts = PromptProcessor(self.video_prior, PromptConfig(prompt=prompt, view_dependent=cfg.view_dependent))
         self.video_guidance = VideoSDSGuidance(self.video_prior, cfg.video_guidance)
         if self.video_prior.num_frames != cfg.frames:

@@ -27,6 +27,8 @@ from gen3d.world.catalog import WorldObject
 
 MOTIONS = {"spin": 1.0, "bounce": 0.25, "grow": 0.4, "swing": 20.0}
 """Motion name -> its default `amount` (turns, height, scale lost at t = 0, degrees)."""
+VERBS = {"spin": "spinning", "bounce": "bouncing", "grow": "growing", "swing": "swinging"}
+"""Motion name -> the word captions use for it ("a red mug, bouncing")."""
 PIVOT_HEIGHT = 0.75
 """Height of the swing's pivot."""
 RENDER_RADIUS = 1.35
@@ -109,8 +111,7 @@ class AnimatedObject:
                             for t in torch.linspace(0, 1, n).tolist()])
 
     def caption(self, rng=None) -> str:
-        verb = {"spin": "spinning", "bounce": "bouncing", "grow": "growing", "swing": "swinging"}[self.motion]
-        return f"{self.obj.caption(rng)}, {verb}"
+        return f"{self.obj.caption(rng)}, {VERBS[self.motion]}"
 
     def __str__(self) -> str:
         return f"{self.motion} {self.obj}"

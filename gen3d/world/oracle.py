@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gen3d.priors.prompts import DIRECTIONS
 from gen3d.priors.video import VideoDiffusionPrior
 
 
@@ -47,13 +48,11 @@ class ExactVideoDenoiser(VideoDiffusionPrior):
                 raise ValueError(f"ExactVideoDenoiser: clips[{prompt!r}] must be [K, 3, F, {self.resolution}, "
                                  f"{self.resolution}] with one F for all, got {tuple(x.shape)}")
         self.num_frames = frames
-        from gen3d.priors.prompts import DIRECTIONS
-
         self.prompts = list(clips)
         self.clip_sets = [clips[p].float().to(self.device) for p in self.prompts]
         variants = [(p, i) for i, p in enumerate(self.prompts)]
         variants += [(f"{p}, {d} view", i) for i, p in enumerate(self.prompts) if p for d in DIRECTIONS]
-        self.keys = self.encode_text([v for v, _ in variants]).float()  # [P, L, D]
+        self.keys = self.encode_text([v for v, _ in variants]).float()  # [prompts and their view variants, L, D]
         self.key_sets = [i for _, i in variants]
 
     def clip_set(self, text: Tensor) -> Tensor:

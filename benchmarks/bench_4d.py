@@ -7,8 +7,9 @@ For each animated object (one per motion: bounce, grow, swing, spin) it runs, on
 - ``text_no_video``: the same run without the video prior (lambda_video=0): per-frame image SDS alone, the reference
   that shows what the video prior adds;
 - ``text_oracle``: ``text`` with the video prior replaced by the exact denoiser of the object's true clips
-  (`gen3d.world.oracle.ExactVideoDenoiser`, 128 cameras): a prior that knows every motion exactly, so the ceiling
-  of the dynamic stage, measured apart from the learned prior;
+  (`gen3d.world.oracle.ExactVideoDenoiser`, 128 cameras) and video CFG scale 1 (the exact conditional score; a larger
+  scale pushes each motion away from the others, e.g. a growing cone to sink, away from the bounce): a prior that
+  knows every motion exactly, so the ceiling of the dynamic stage, measured apart from the learned prior;
 - ``video``: video-to-4D (`configs/video-to-4d.yaml`: DreamGaussian4D) on the object's true clip from the input camera
   (`gen3d.world.animation.save_clip`, RGBA frames);
 - ``frozen``: each run's own static stage held still (the deformation field set to the identity): the score of no
@@ -91,7 +92,7 @@ def run_case(kind: str, prompt: str, motion: str, overrides: list[str], out_dir:
         clip = save_clip(animated, out_dir / f"clip-{motion}-{prompt.replace(' ', '_')}", frames=8, size=128)
         system_cls, cfg = load_run_config("video-to-4d", [f"video={clip}", *common, *overrides])
     else:
-        extra = ["lambda_video=0"] if kind == "text_no_video" else []
+        extra = {"text_no_video": ["lambda_video=0"], "text_oracle": ["video_guidance.guidance_scale=1"]}.get(kind, [])
         system_cls, cfg = load_run_config("text-to-4d", [f"prompt={prompt}", f"motion={VERBS[motion]}", *common,
                                                          *extra, *overrides])
     run = new_run_dir(cfg.output_dir, system_cls.name, f"{kind}-{prompt}-{motion}")

@@ -411,6 +411,8 @@ class Viewer:
             cameras = viser_camera(cam.wxyz, cam.position, cam.fov, cam.aspect, height)
             with torch.no_grad():
                 out = snap.render(cameras) if t is None else snap.timeline.render(cameras, t)
+            if client_id not in self.server.get_clients():  # it left while this frame was rendering
+                continue
             client.scene.set_background_image(mode_image(out, mode), format="jpeg", jpeg_quality=85)
             self._last[client_id] = key
             rendered = True

@@ -133,8 +133,10 @@ class Dynamic4D:
         cfg = self.cfg
         if not cfg.lambda_video:
             return
-        self.video_prior = prior or VideoDiffusionPrior.from_pretrained(cfg.video_prior, device=self.device,
-                                                                        dtype=cfg.dtype, download=cfg.download)
+        if prior is None:
+            prior = VideoDiffusionPrior.from_pretrained(cfg.video_prior, device=self.device, dtype=cfg.dtype,
+                                                        download=cfg.download)
+        self.video_prior = prior
         self.video_prompts = PromptProcessor(self.video_prior, PromptConfig(prompt=prompt, view_dependent=cfg.view_dependent))
         self.video_guidance = VideoSDSGuidance(self.video_prior, cfg.video_guidance)
         if self.video_prior.num_frames != cfg.frames:

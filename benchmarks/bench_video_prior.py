@@ -48,13 +48,9 @@ def clips(objects, frames: int, size: int, seed: int):
     out, info = [], []
     for obj in objects:
         for motion in VERBS:
-            cams = sample_orbit(replace(TRAIN_ORBIT, batch_size=1), g, width=2 * size, height=2 * size)
-            anim = AnimatedObject(obj, motion)
-            frames_ = []
-            for t in torch.linspace(0, 1, frames).tolist():
-                r = anim.render(cams, t)  # over white
-                frames_.append(F.avg_pool2d(r.rgb.permute(0, 3, 1, 2), 2)[0])
-            out.append(torch.stack(frames_, 1) * 2 - 1)
+            cams = sample_orbit(replace(TRAIN_ORBIT, batch_size=1), g, width=size, height=size)
+            clip = AnimatedObject(obj, motion).frames(cams, frames, supersample=2)[:, 0]  # [F, s, s, 3] over white
+            out.append(clip.permute(3, 0, 1, 2) * 2 - 1)
             info.append((obj, motion, view_directions(cams.azimuth, cams.elevation)[0]))
     return torch.stack(out), info
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from gen3d.priors.prompts import DIRECTIONS
@@ -98,17 +97,14 @@ def true_clips(prompt: str, orbit, views: int, frames: int, size: int, generator
     if obj is None:
         raise ValueError(f"true_clips: {prompt!r} names no Shapes-world object (it needs a color and a shape word, "
                          f"e.g. \"a red sphere\")")
-    px = size * supersample
-    cams = sample_orbit(replace(orbit, batch_size=views), generator, width=px, height=px)
+    cams = sample_orbit(replace(orbit, batch_size=views), generator, width=size, height=size)
     out = {}
     for motion in MOTIONS:
         anim = AnimatedObject(obj, motion)
-        rgb, alpha = [], []
-        for t in torch.linspace(0, 1, frames).tolist():
-            o = anim.render(cams, t, background=(0.0, 0.0, 0.0))
-            rgb.append(F.avg_pool2d(o.rgb.permute(0, 3, 1, 2), supersample))
-            alpha.append(F.avg_pool2d(o.alpha.permute(0, 3, 1, 2), supersample))
-        premult, a = torch.stack(rgb, 2), torch.stack(alpha, 2)  # [views, 3, F, s, s]
+        renders = [anim.render(cams, t, background=(0.0, 0.0, 0.0), supersample=supersample)
+                   for t in torch.linspace(0, 1, frames).tolist()]
+        premult = torch.stack([o.rgb for o in renders], 2).permute(0, 4, 2, 1, 3)  # [views, 3, F, s, s]
+        a = torch.stack([o.alpha for o in renders], 2).permute(0, 4, 2, 1, 3)
         out[f"{prompt}, {VERBS[motion]}"] = torch.cat([premult, premult + 1 - a]) * 2 - 1
     out[""] = torch.cat(list(out.values()))
     return out

@@ -136,16 +136,13 @@ class VideoPriorTrainer(PriorTrainer):
         g = torch.Generator().manual_seed(cfg.seed)
         t0 = time.perf_counter()
         premult, alpha, info = [], [], []
-        n, px = cfg.clips_per_pair, cfg.size * cfg.supersample
+        n = cfg.clips_per_pair
         for anim in tqdm(pairs, desc="rendering clips", disable=not cfg.progress, file=sys.stderr):
-            cams = sample_orbit(replace(TRAIN_ORBIT, batch_size=n), g, width=px, height=px)
-            rgb, a = [], []
-            for t in torch.linspace(0, 1, cfg.frames).tolist():
-                out = anim.render(cams, t, background=(0.0, 0.0, 0.0))
-                rgb.append(F.avg_pool2d(out.rgb.permute(0, 3, 1, 2), cfg.supersample))
-                a.append(F.avg_pool2d(out.alpha.permute(0, 3, 1, 2), cfg.supersample))
-            premult.append(torch.stack(rgb, 2).half())  # [n, 3, F, s, s]
-            alpha.append(torch.stack(a, 2).half())
+            cams = sample_orbit(replace(TRAIN_ORBIT, batch_size=n), g, width=cfg.size, height=cfg.size)
+            outs = [anim.render(cams, t, background=(0.0, 0.0, 0.0), supersample=cfg.supersample)
+                    for t in torch.linspace(0, 1, cfg.frames).tolist()]
+            premult.append(torch.stack([o.rgb for o in outs], 1).permute(0, 4, 1, 2, 3).half())  # [n, 3, F, s, s]
+            alpha.append(torch.stack([o.alpha for o in outs], 1).permute(0, 4, 1, 2, 3).half())
             words = view_directions(cams.azimuth, cams.elevation)
             info += [(anim.obj.shape, anim.obj.color, anim.motion, w) for w in words]
         self.data = {"premult": torch.cat(premult), "alpha": torch.cat(alpha), "info": info}

@@ -15,6 +15,10 @@ The motion word can only matter where the noisy clip does not already show the m
 where video SDS decides what moves. ``motion_high_noise`` sums those t. At low noise a perfect model scores
 near 1 too.
 
+A prior that takes the object at rest (``train-video-prior rest_frame=true``) is shown the true rest image of each
+clip (``trained``) and, for reference, none (``trained_without_image``); its figure puts each sampled clip over the
+true one.
+
 References in the same run: the untrained inflation of the image prior (the video UNet before training: the image
 prior on every frame; its order ratios are 1 by construction), and with ``--compare`` other priors, such as the
 single-object control that shows how far the ratio moves when a prior does learn the motion words:
@@ -38,21 +42,24 @@ from gen3d.world.animation import VERBS
 
 
 def clips(objects, frames: int, size: int, seed: int):
-    """True clips [N, 3, F, s, s] in [-1, 1] on white, their (object, motion, view word)."""
+    """True clips [N, 3, F, s, s] in [-1, 1] on white, their (object, motion, view word), and the objects at rest
+    [N, s, s, 3] in [0, 1] from the clips' cameras (`gen3d.priors.video.VideoDiffusionPrior.at_rest`)."""
     from gen3d.cameras import sample_orbit
     from gen3d.priors.prompts import view_directions
     from gen3d.world.animation import AnimatedObject
     from gen3d.world.train_prior import TRAIN_ORBIT
 
     g = torch.Generator().manual_seed(seed)
-    out, info = [], []
+    out, info, rest = [], [], []
     for obj in objects:
         for motion in VERBS:
             cams = sample_orbit(replace(TRAIN_ORBIT, batch_size=1), g, width=size, height=size)
-            clip = AnimatedObject(obj, motion).frames(cams, frames, supersample=2)[:, 0]  # [F, s, s, 3] over white
+            animated = AnimatedObject(obj, motion)
+            clip = animated.frames(cams, frames, supersample=2)[:, 0]  # [F, s, s, 3] over white
             out.append(clip.permute(3, 0, 1, 2) * 2 - 1)
             info.append((obj, motion, view_directions(cams.azimuth, cams.elevation)[0]))
-    return torch.stack(out), info
+            rest.append(animated.render(cams, animated.rest_time, supersample=2).rgb[0])
+    return torch.stack(out), info, torch.stack(rest)
 
 
 TIMESTEPS = (200, 400, 600, 700, 850, 950)
@@ -60,15 +67,15 @@ HIGH_NOISE = 700
 
 
 @torch.no_grad()
-def ratios(prior, data, info, seed: int = 0) -> dict:
+def ratios(prior, data, info, rest=None, seed: int = 0) -> dict:
     """Per t: the motion, order and shuffle ratios; ``motion_high_noise`` over t >= HIGH_NOISE; per motion at high
-    noise."""
+    noise. With `rest`, a prior that takes the object at rest is shown it (the same image for every alteration)."""
     g = torch.Generator().manual_seed(seed)
     keys = ("right", "wrong_motion", "reversed", "shuffled")
     sums = {t: dict.fromkeys(keys, 0.0) for t in TIMESTEPS}
     per_motion: dict[str, list[float]] = {m: [0.0, 0.0] for m in VERBS}
     frames = data.shape[2]
-    for x0, (obj, motion, view) in zip(data, info):
+    for i, (x0, (obj, motion, view)) in enumerate(zip(data, info)):
         base = obj.caption()
         caps = [f"{base}, {VERBS[motion]}, {view} view"] + [f"{base}, {VERBS[m]}, {view} view" for m in VERBS if m != motion]
         emb = prior.encode_text(caps)
@@ -81,7 +88,8 @@ def ratios(prior, data, info, seed: int = 0) -> dict:
             noisy = lambda x, e: ab.sqrt() * x + (1 - ab).sqrt() * e  # noqa: E731
             xs = torch.stack([noisy(x0, eps)] * len(caps) + [noisy(x_rev, e_rev), noisy(x_shuf, e_shuf)])
             text = torch.cat([emb, emb[:1], emb[:1]])
-            out = prior.unet_eps(xs, torch.full((len(xs),), t), text)
+            with prior.at_rest(None if rest is None else rest[i:i + 1]):
+                out = prior.unet_eps(xs, torch.full((len(xs),), t), text)
             target = torch.stack([eps] * len(caps) + [e_rev, e_shuf])
             err = (out - target).pow(2).flatten(1).mean(1)
             s = sums[t]
@@ -133,16 +141,30 @@ def main(argv: list[str] | None = None) -> dict:
     base = baseline_prior(prior.num_frames)
     compared = {path: VideoDiffusionPrior.from_pretrained(path) for path in args.compare}
     for name, objects in groups.items():
-        data, info = clips(objects, prior.num_frames, prior.resolution, seed=1000)
-        report[name] = {"clips": len(data), "trained": ratios(prior, data, info), "untrained_inflation": ratios(base, data, info),
-                        **{path: ratios(other, data, info) for path, other in compared.items()}}
+        data, info, rest = clips(objects, prior.num_frames, prior.resolution, seed=1000)
+        report[name] = {"clips": len(data), "trained": ratios(prior, data, info, rest),
+                        "untrained_inflation": ratios(base, data, info),
+                        **{path: ratios(other, data, info, rest) for path, other in compared.items()}}
+        if prior.rest_frame:  # the same prior shown no image: the text-to-video model it also is
+            report[name]["trained_without_image"] = ratios(prior, data, info)
         print(json.dumps({name: report[name]}), file=sys.stderr)
     if args.figure:
         from gen3d.export.video import image_grid, save_image
+        from gen3d.world.catalog import WorldObject
 
-        prompts = ["a red mug, spinning", "a blue cube, bouncing", "a green cone, growing", "a yellow lamp, swinging",
-                   "a blue mug, bouncing"]
-        videos = sample_videos(prior, prompts, steps=25, guidance_scale=5.0, generator=torch.Generator().manual_seed(0))
+        cases = [("red", "mug", "spin"), ("blue", "cube", "bounce"), ("green", "cone", "grow"),
+                 ("yellow", "lamp", "swing"), ("blue", "mug", "bounce")]
+        prompts = [f"a {c} {s}, {VERBS[m]}" for c, s, m in cases]
+        rest = None
+        if prior.rest_frame:  # each sampled clip over the true one, from the same camera
+            objs = [WorldObject(s, c) for c, s, _ in cases]
+            truth, _, rest = clips(objs, prior.num_frames, prior.resolution, seed=0)
+            keep = [4 * i + list(VERBS).index(m) for i, (_, _, m) in enumerate(cases)]
+            truth, rest = (truth[keep].permute(0, 2, 3, 4, 1) + 1) / 2, rest[keep]
+        videos = sample_videos(prior, prompts, steps=25, guidance_scale=5.0, generator=torch.Generator().manual_seed(0),
+                               rest=rest)
+        if rest is not None:
+            videos = torch.stack([videos, truth], 1).flatten(0, 1)
         save_image(args.figure, image_grid(F.interpolate(videos.flatten(0, 1).permute(0, 3, 1, 2), scale_factor=2,
                                                          mode="nearest").permute(0, 2, 3, 1), nrow=prior.num_frames))
         report["figure"] = args.figure

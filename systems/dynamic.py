@@ -63,6 +63,11 @@ class MotionStage:
     """Video SDS settings (CFG scale, timestep range, weighting); schedules run over the dynamic stage."""
     lambda_video: float = 1.0
     """Weight of video SDS (0: no video prior)."""
+    video_rest: bool = True
+    """Show a video prior that takes the object at rest (`VideoDiffusionPrior.at_rest`: one trained with
+    `gen3d world train-video-prior rest_frame=true`) the static stage from each clip's camera, so that it only has to
+    say how that object moves (False: the caption alone). Priors without that input (the shipped gen3d/shapes-t2v,
+    hub text-to-video models) ignore it."""
     lambda_frame: float = 1.0
     """Weight of the per-frame image guidance (text SDS in dream4d, Zero123 SDS in dreamgaussian4d)."""
     video_views: int = 1
@@ -195,7 +200,13 @@ class Dynamic4D:
             self.last_cameras = cams
             bg = self.background_for(len(cams))
             clip = torch.stack([self.render_at(cams, t, bg).rgb for t in self.times()], 1)  # [B, F, H, W, 3]
-            g = self.video_guidance(clip, self.video_prompts(cams), r, total, generator=self.generator, cameras=cams)
+            rest = None
+            if cfg.video_rest and self.video_prior.rest_frame:
+                with torch.no_grad():
+                    rest = render_gaussians(self.model, cams, bg, backend=cfg.rasterizer).rgb  # the static stage
+            with self.video_prior.at_rest(rest):
+                g = self.video_guidance(clip, self.video_prompts(cams), r, total, generator=self.generator,
+                                        cameras=cams)
             losses["video"] = cfg.lambda_video * g.loss
             logs["video_grad"] = g.grad_norm
         if cfg.lambda_frame:

@@ -20,6 +20,7 @@ prompt embeddings) is the image prior's.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -45,8 +46,12 @@ class VideoDiffusionPrior(DiffusionPrior):
                 f"needs a text-to-video model with a UNet3DConditionModel, e.g. the embedded gen3d/shapes-t2v"
             )
         config = unet.config
-        self.time_channel = vae is None and config.in_channels == config.out_channels + 1
-        self.extra_channels = int(self.time_channel)
+        extra = config.in_channels - config.out_channels if vae is None else 0
+        self.time_channel = extra in (1, 1 + REST_CHANNELS)
+        self.rest_frame = extra == 1 + REST_CHANNELS
+        """The UNet also takes the object at rest (`with_rest_channels`): the embedded prior's image conditioning."""
+        self.extra_channels = extra if self.time_channel else 0
+        self.rest: Tensor | None = None
         super().__init__(unet, scheduler, text_encoder, tokenizer, vae, **kwargs)
         self.num_frames = int(num_frames or DEFAULT_FRAMES)
         self.noise_correlation = 0.0
@@ -83,11 +88,34 @@ class VideoDiffusionPrior(DiffusionPrior):
         frames = super().decode(z.transpose(1, 2).flatten(0, 1))
         return frames.view(B, Fr, *frames.shape[1:])
 
+    @contextmanager
+    def at_rest(self, rest: Tensor | None):
+        """Within: the UNet sees `rest` ``[B, H, W, 3]`` in [0, 1], the object at rest (undeformed) seen from each
+        clip's camera, as its image condition (None: no image, the text-to-video model). A prior without that input
+        (`rest_frame` False: hub models) ignores it."""
+        if rest is not None and (rest.ndim != 4 or rest.shape[-1] != 3):
+            raise ValueError(f"VideoDiffusionPrior.at_rest: rest must be [B, H, W, 3], got {tuple(rest.shape)}")
+        previous = self.rest
+        self.rest = None if rest is None or not self.rest_frame else super().encode(rest.detach())  # [B, C, h, w]
+        try:
+            yield self
+        finally:
+            self.rest = previous
+
     def unet_eps(self, x_t: Tensor, t: Tensor, text: Tensor) -> Tensor:
-        """One UNet call as epsilon on clips x_t ``[N, C, F, h, w]``; a UNet with a time channel gets it appended."""
+        """One UNet call as epsilon on clips x_t ``[N, C, F, h, w]``; a UNet with a time channel gets it appended,
+        one with rest-frame channels the `at_rest` image (repeated over the classifier-free guidance batch)."""
         if not self.time_channel:
             return super().unet_eps(x_t, t, text)
-        return super().unet_eps(with_time_channel(x_t), t, text)
+        x = with_time_channel(x_t)
+        if self.rest_frame:
+            rest = self.rest
+            if rest is not None:
+                if x_t.shape[0] % rest.shape[0]:
+                    raise ValueError(f"VideoDiffusionPrior: {x_t.shape[0]} clips for {rest.shape[0]} rest images")
+                rest = rest.repeat(x_t.shape[0] // rest.shape[0], 1, 1, 1)
+            x = with_rest_channels(x, rest)
+        return super().unet_eps(x, t, text)
 
     def _abar(self, t: Tensor) -> Tensor:  # [B] -> [B, 1, 1, 1, 1]
         return self.alphas_cumprod[t.to(self.device).long()].view(-1, 1, 1, 1, 1)
@@ -128,6 +156,31 @@ def with_time_channel(x: Tensor) -> Tensor:
     return torch.cat([x, time], 1)
 
 
+REST_CHANNELS = 4
+"""Input channels of the rest-frame condition: the image (3) and whether there is one (1)."""
+
+
+def with_rest_channels(x: Tensor, rest: Tensor | None) -> Tensor:
+    """Clips ``[N, C, F, h, w]`` with `REST_CHANNELS` more: the rest image ``[N, 3, h, w]`` in [-1, 1] on every
+    frame and a channel of ones (None: zeros in all four, "no image").
+
+    The image conditioning of image-to-video models (Stable Video Diffusion, Blattmann et al. 2023, "Stable Video
+    Diffusion: Scaling Latent Video Diffusion Models to Large Datasets", concatenates the conditioning frame's latent to
+    every frame's input). Here the image is the object *at rest* from the clip's camera: the first frame of a spin,
+    bounce or swing, the last (full-size) frame of a growth. Given what the object looks like, what is left for the
+    model to learn from a caption is how it moves; the text-only model did not learn it (see the README's 4D
+    section). In 4D generation the rest image is the static stage rendered from the clip's camera.
+    """
+    N, _, F_, h, w = x.shape
+    if rest is None:
+        extra = x.new_zeros(N, REST_CHANNELS, F_, h, w)
+    else:
+        if tuple(rest.shape) != (N, 3, h, w):
+            raise ValueError(f"with_rest_channels: rest must be [{N}, 3, {h}, {w}], got {tuple(rest.shape)}")
+        extra = torch.cat([rest.to(x), x.new_ones(N, 1, h, w)], 1)[:, :, None].expand(N, REST_CHANNELS, F_, h, w)
+    return torch.cat([x, extra], 1)
+
+
 def _is_video_unet(unet) -> bool:
     name = getattr(unet.config, "_class_name", "") or type(unet).__name__
     return "3D" in name or "Video" in name
@@ -135,8 +188,10 @@ def _is_video_unet(unet) -> bool:
 
 @torch.no_grad()
 def sample_videos(prior: VideoDiffusionPrior, prompts: list[str], steps: int = 25, guidance_scale: float = 5.0,
-                  frames: int | None = None, generator: torch.Generator | None = None) -> Tensor:
-    """Clips ``[N, F, H, W, 3]`` in [0, 1] for `prompts` by DDIM (the pictures of the README and tests)."""
+                  frames: int | None = None, generator: torch.Generator | None = None,
+                  rest: Tensor | None = None) -> Tensor:
+    """Clips ``[N, F, H, W, 3]`` in [0, 1] for `prompts` by DDIM (the pictures of the README and tests); `rest`
+    ``[N, H, W, 3]``: the objects at rest, for a prior that takes them (`VideoDiffusionPrior.at_rest`)."""
     from gen3d.priors.sampling import ddim
 
     cond = prior.encode_text(prompts)
@@ -148,5 +203,6 @@ def sample_videos(prior: VideoDiffusionPrior, prompts: list[str], steps: int = 2
     def eps_fn(x_t: Tensor, t: Tensor) -> Tensor:
         return prior.predict_noise(x_t.to(prior.dtype), t, cond, uncond, guidance_scale).eps_guided
 
-    return prior.decode(ddim(eps_fn, x, prior.alphas_cumprod, prior.num_train_timesteps, steps))
+    with prior.at_rest(rest):
+        return prior.decode(ddim(eps_fn, x, prior.alphas_cumprod, prior.num_train_timesteps, steps))
 

@@ -61,6 +61,11 @@ class AnimatedObject:
             raise ValueError(f"amount must be a finite number, got {self.amount}")
 
     @property
+    def rest_time(self) -> float:
+        """The time at which the object is at rest, in its catalog pose and size: 0, or 1 for a growth."""
+        return 1.0 if self.motion == "grow" else 0.0
+
+    @property
     def size(self) -> float:
         return MOTIONS[self.motion] if self.amount is None else float(self.amount)
 

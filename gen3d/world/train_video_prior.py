@@ -18,11 +18,16 @@ Tuning"), shrunk to the Shapes world:
 - objective, EMA, checkpoints, resume: those of `train_prior` (ε-prediction, cosine schedule, Min-SNR-γ,
   10% caption dropout for classifier-free guidance).
 
+With ``rest_frame=true`` the UNet also takes the object at rest from the clip's camera (image-to-video conditioning,
+`gen3d.priors.video.with_rest_channels`; dropped for `rest_dropout` of the clips), so that what a caption adds is the
+motion alone; ``init_from=gen3d/shapes-t2v`` starts it from the text-to-video prior.
+
 The output is a diffusers pipeline folder (``TextToVideoSDPipeline`` layout without a VAE: the model is in
 pixel space) that `VideoDiffusionPrior.from_pretrained("gen3d/shapes-t2v")` loads:
 
     gen3d world train-video-prior                   # the shipped weights, from seed 0
     gen3d world train-video-prior steps=20 max_objects=2 output=/tmp/t2v work_dir=/tmp/t2v-work
+    gen3d world train-video-prior rest_frame=true init_from=gen3d/shapes-t2v output=/tmp/i2v work_dir=/tmp/i2v-work
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from gen3d.priors.tokenizer import write_clip_tokenizer
-from gen3d.priors.video import EMBEDDED_T2V, mixed_noise, with_time_channel
+from gen3d.priors.video import EMBEDDED_T2V, REST_CHANNELS, mixed_noise, with_rest_channels, with_time_channel
 from gen3d.world.train_prior import (
     TRAIN_ORBIT, VIEW_WORDS, PriorTrainConfig, PriorTrainer, _diffusers_version, _text_encoder,
 )
@@ -79,8 +84,24 @@ class VideoPriorTrainConfig(PriorTrainConfig):
     weighting does (Salimans & Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models"). ε-prediction
     weights the x0 error by SNR, so the noisy steps where a clip's layout and motion are decided teach little
     (0: off, the ε-loss of `train_prior`)."""
+    rest_frame: bool = False
+    """Condition on the object at rest from the clip's camera (`gen3d.priors.video.with_rest_channels`: image-to-video
+    conditioning), so that a caption's motion word is what is left to learn."""
+    rest_dropout: float = 0.2
+    """With rest_frame: the fraction of clips trained without the image (the model stays a text-to-video model)."""
+    rest_init: float = 0.5
+    """With rest_frame and a video prior to start from: the rest image's first-layer weights start as this times the
+    clip's color weights (0: at zero, so that step 0 is that prior exactly). Zero-initialized input channels were not
+    learned: the rest image's weights stayed near zero (mean |w| 0.005 against 0.1 for the clip's colors, even when
+    fitting 16 clips), as the shipped prior's time channel did over 1,500 steps (0.0005)."""
+    input_lr_scale: float = 1.0
+    """The learning rate of the UNet's first convolution is lr times this. The rest image's weights there start at zero
+    and Adam moves a weight by about lr per step, so at lr 2e-4 they need hundreds of steps to matter (at 10, with
+    rest_init 0, they still stayed near zero)."""
     init_from: str = "gen3d/shapes-t2i"
-    """Image prior whose UNet and text encoder initialize the spatial layers ("" trains from scratch)."""
+    """Image prior whose UNet and text encoder initialize the spatial layers, or a video prior (e.g. gen3d/shapes-t2v)
+    whose weights initialize all layers (new input channels start at zero, the rest image's at `rest_init`); "" trains
+    from scratch."""
     sample_every: int = 0
     views_per_object: int = 0
     """Unused (clips_per_pair sets the data)."""
@@ -107,15 +128,21 @@ class VideoPriorTrainer(PriorTrainer):
         self.tokenizer = CLIPTokenizer.from_pretrained(str(self.tok_dir))
         self.unet = video_unet(cfg)
         self.text_encoder = _text_encoder(cfg, vocab_size)
-        if cfg.init_from:
+        if cfg.init_from and _is_video_prior(cfg.init_from):
+            init_from_video_prior(self.unet, self.text_encoder, self.tokenizer, cfg.init_from,
+                                  rest_init=cfg.rest_init if cfg.rest_frame else 0.0)
+        elif cfg.init_from:
             inflate_from_image_prior(self.unet, self.text_encoder, self.tokenizer, cfg.init_from)
         self._setup_optimization()
-        temporal = [p for n, p in self.unet.named_parameters() if _is_temporal(n)]
-        other = [p for n, p in self.unet.named_parameters() if not _is_temporal(n)]
-        self.optimizer = torch.optim.AdamW([
-            {"params": other + list(self.text_encoder.parameters())},
-            {"params": temporal, "lr_scale": cfg.temporal_lr_scale},
-        ], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        named = list(self.unet.named_parameters())
+        first = [p for n, p in named if n.startswith("conv_in.")] if cfg.input_lr_scale != 1 else []
+        temporal = [p for n, p in named if _is_temporal(n)]
+        other = [p for n, p in named if not _is_temporal(n) and not any(p is q for q in first)]
+        groups = [{"params": other + list(self.text_encoder.parameters())},
+                  {"params": temporal, "lr_scale": cfg.temporal_lr_scale}]
+        if first:  # a group of its own only when it is scaled: checkpoints of two groups still resume
+            groups.append({"params": first, "lr_scale": cfg.input_lr_scale})
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def build_data(self) -> None:
         """Render `clips_per_pair` clips of every training object under every motion (cached in work_dir)."""
@@ -152,7 +179,14 @@ class VideoPriorTrainer(PriorTrainer):
               file=sys.stderr)
 
     def batch(self) -> tuple[torch.Tensor, list[str]]:
-        """Clips ``[B, 3, F, s, s]`` in [-1, 1] on white or black backgrounds with their captions."""
+        """Clips ``[B, 3, F, s, s]`` in [-1, 1] on white or black backgrounds with their captions (`batch_with_rest`
+        without the rest images)."""
+        clips, captions, _ = self.batch_with_rest()
+        return clips, captions
+
+    def batch_with_rest(self) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+        """Clips ``[B, 3, F, s, s]`` in [-1, 1] on white or black backgrounds, their captions and the objects at rest
+        ``[B, 3, s, s]`` (the clip's frame at `AnimatedObject.rest_time`)."""
         from gen3d.world.animation import AnimatedObject
         from gen3d.world.catalog import WorldObject
 
@@ -170,10 +204,13 @@ class VideoPriorTrainer(PriorTrainer):
             if view[j]:
                 text = f"{text}, {direction} view"
             captions.append("" if drop[j] else text)
-        return clips * 2 - 1, captions
+        at_rest = [round(AnimatedObject(WorldObject(*d["info"][i][:2]), d["info"][i][2]).rest_time * (cfg.frames - 1))
+                   for i in idx.tolist()]  # the frame index of rest: 0, or the last one for a growth
+        rest = clips[torch.arange(len(idx)), :, torch.tensor(at_rest)]  # [B, 3, s, s]
+        return clips * 2 - 1, captions, rest * 2 - 1
 
     def train_step(self) -> float:
-        x0, captions = self.batch()
+        x0, captions, rest = self.batch_with_rest()
         g = self.generator
         t = torch.randint(0, 1000, (len(x0),), generator=g)
         eps = mixed_noise(x0.shape, self.cfg.noise_correlation, g)
@@ -181,6 +218,10 @@ class VideoPriorTrainer(PriorTrainer):
         x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
         if self.cfg.time_channel:
             x_t = with_time_channel(x_t)
+        if self.cfg.rest_frame:
+            keep = (torch.rand(len(x0), generator=g) >= self.cfg.rest_dropout).float().view(-1, 1, 1, 1)
+            x_t = with_rest_channels(x_t, rest)
+            x_t[:, -REST_CHANNELS:] *= keep[:, :, None]  # dropped: all four channels zero, "no image"
         pred = self.unet(x_t, t, self.encode(captions)).sample
         return self.optimize(self.diffusion_loss(pred, eps, t))
 
@@ -246,7 +287,8 @@ def video_unet(cfg: VideoPriorTrainConfig):
 
     n = len(cfg.block_out_channels)
     return UNet3DConditionModel(
-        sample_size=cfg.size, in_channels=3 + int(cfg.time_channel), out_channels=3, layers_per_block=1,
+        sample_size=cfg.size, in_channels=3 + int(cfg.time_channel) + REST_CHANNELS * int(cfg.rest_frame),
+        out_channels=3, layers_per_block=1,
         block_out_channels=tuple(cfg.block_out_channels),
         down_block_types=tuple("DownBlock3D" if i < n - 1 else "CrossAttnDownBlock3D" for i in range(n)),
         up_block_types=tuple("CrossAttnUpBlock3D" if i == 0 else "UpBlock3D" for i in range(n)),
@@ -276,6 +318,40 @@ def inflate_from_image_prior(unet, text_encoder, tokenizer, image_prior: str) ->
                 module.proj_out.weight.zero_()
                 module.proj_out.bias.zero_()
 
+    _copy_text_encoder(source, text_encoder, tokenizer)
+
+
+def _is_video_prior(model: str) -> bool:
+    from gen3d.priors.diffusion import _locate
+
+    index = _locate(model, False, None) / "model_index.json"
+    return index.is_file() and "UNet3DConditionModel" in index.read_text()
+
+
+@torch.no_grad()
+def init_from_video_prior(unet, text_encoder, tokenizer, video_prior: str, rest_init: float = 0.0) -> None:
+    """Copy a video prior's UNet and text encoder into this one. Input channels it lacks (the rest frame's) start at
+    zero, so step 0 is that prior, or, for the rest image, at `rest_init` times the clip's color weights."""
+    from gen3d.priors.video import VideoDiffusionPrior
+
+    source = VideoDiffusionPrior.from_pretrained(video_prior, dtype="float32")
+    own, theirs = unet.state_dict(), source.unet.state_dict()
+    extra = own["conv_in.weight"].shape[1] - theirs["conv_in.weight"].shape[1]
+    if extra < 0 or set(theirs) != set(own) or any(own[k].shape != v.shape for k, v in theirs.items()
+                                                   if k != "conv_in.weight"):
+        raise ValueError(f"{video_prior}: its UNet does not have this video UNet's layout (block_out_channels, "
+                         f"text_dim and time_channel must match)")
+    first = F.pad(theirs["conv_in.weight"], (0, 0, 0, 0, 0, extra))
+    if extra >= REST_CHANNELS and rest_init:  # [clip 3, time 1, rest image 3, flag 1]: the image's start as the clip's
+        start = first.shape[1] - REST_CHANNELS
+        first[:, start:start + 3] = rest_init * first[:, :3]
+    theirs["conv_in.weight"] = first
+    unet.load_state_dict(theirs)
+    _copy_text_encoder(source, text_encoder, tokenizer)
+
+
+def _copy_text_encoder(source, text_encoder, tokenizer) -> None:
+    """A prior's text encoder into `text_encoder`, its token embeddings word by word into `tokenizer`'s vocabulary."""
     old_emb = source.text_encoder.get_input_embeddings().weight
     own_text = text_encoder.state_dict()
     text_encoder.load_state_dict({k: v for k, v in source.text_encoder.state_dict().items()
@@ -285,6 +361,7 @@ def inflate_from_image_prior(unet, text_encoder, tokenizer, image_prior: str) ->
     for token, i in new_vocab.items():
         if token in old_vocab:
             emb[i] = old_emb[old_vocab[token]]
+
 
 def video_sample_prompts() -> list[str]:
     """One prompt per motion (seen objects) for the sample grids."""

@@ -137,3 +137,97 @@ def test_high_noise_weighting(trainer):
         assert torch.allclose(trainer.diffusion_loss(pred, eps, t), expected)
     finally:
         trainer.cfg = saved
+
+
+@pytest.fixture(scope="module")
+def rest_trainer(tmp_path_factory):
+    """A video prior that also takes the object at rest, initialized from the shipped text-to-video prior."""
+    from gen3d.world.train_video_prior import VideoPriorTrainConfig, VideoPriorTrainer
+
+    work = tmp_path_factory.mktemp("i2v")
+    cfg = VideoPriorTrainConfig(output=str(work / "out"), work_dir=str(work / "work"), steps=2, max_objects=1,
+                                clips_per_pair=1, frames=3, size=32, supersample=1, progress=False, rest_frame=True,
+                                init_from="gen3d/shapes-t2v", input_lr_scale=10.0)
+    return VideoPriorTrainer(cfg)
+
+
+def test_rest_frame_model_starts_as_the_video_prior_it_grew_from(rest_trainer):
+    """Before training, shown no image, it is gen3d/shapes-t2v; its rest image's first-layer weights start as
+    rest_init times the clip's color weights."""
+    from gen3d.priors.video import with_rest_channels
+
+    source = VideoDiffusionPrior.from_pretrained("gen3d/shapes-t2v", dtype="float32")
+    assert rest_trainer.unet.config.in_channels == 8  # clip 3 + time 1 + rest image 3 + "there is an image" 1
+    g = torch.Generator().manual_seed(0)
+    x, rest = torch.randn(2, 3, 3, 32, 32, generator=g), torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    t = torch.tensor([100, 700])
+    text = rest_trainer.encode(["a red mug, bouncing", ""])
+    assert torch.allclose(text, source.encode_text(["a red mug, bouncing", ""]), atol=1e-5)
+    rest_trainer.unet.eval()  # no dropout (the temporal convolutions have it)
+    try:
+        with torch.no_grad():
+            ours = rest_trainer.unet(with_rest_channels(with_time_channel(x), None), t, text).sample
+            theirs = source.unet(with_time_channel(x), t, text).sample
+            shown = rest_trainer.unet(with_rest_channels(with_time_channel(x), rest), t, text).sample
+    finally:
+        rest_trainer.unet.train()
+    assert torch.allclose(ours, theirs, atol=1e-4)
+    assert not torch.allclose(shown, theirs, atol=1e-2)
+    w = rest_trainer.unet.conv_in.weight
+    assert torch.equal(w[:, 4:7], 0.5 * w[:, :3]) and w[:, 7].abs().max() == 0
+
+
+def test_rest_frame_is_the_object_at_rest(rest_trainer):
+    """The rest image of a batch is the clip's first frame, or its last (full-size) frame for a growth."""
+    rest_trainer.build_data()
+    clips, captions, rest = rest_trainer.batch_with_rest()
+    assert rest.shape == (4, 3, 32, 32)
+    for clip, caption, r in zip(clips, captions, rest):
+        frame = clip[:, -1] if "growing" in caption else clip[:, 0]
+        if caption:  # a dropped caption does not say which
+            assert torch.equal(r, frame)
+    from gen3d.world.animation import AnimatedObject
+    from gen3d.world.catalog import WorldObject
+
+    assert [AnimatedObject(WorldObject("mug", "red"), m).rest_time for m in ("spin", "bounce", "grow", "swing")] \
+        == [0.0, 0.0, 1.0, 0.0]
+
+
+def test_at_rest_feeds_the_rest_image(rest_trainer):
+    """`VideoDiffusionPrior.at_rest` gives the UNet the encoded image on every frame, repeated over the CFG batch;
+    None gives four zero channels; a prior without the input (the shipped text-to-video one) is unchanged by it."""
+    from gen3d.priors.video import with_rest_channels
+
+    rest_trainer.fit()
+    first, *_ = rest_trainer.unet.conv_in.parameters()
+    groups = rest_trainer.optimizer.param_groups
+    assert any(p is first for p in groups[2]["params"]) and groups[2]["lr"] == pytest.approx(10 * groups[0]["lr"])
+    prior = VideoDiffusionPrior.from_pretrained(rest_trainer.cfg.output, dtype="float32")
+    assert prior.rest_frame and prior.time_channel and prior.extra_channels == 5
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 3, 32, 32, generator=g)
+    t = torch.tensor([300, 300, 800, 800])
+    text = prior.encode_text(["a red mug, bouncing", "a red mug, bouncing", "", ""])
+    rest = torch.rand(2, 32, 32, 3, generator=g)
+    with torch.no_grad():
+        with prior.at_rest(rest):
+            got = prior.unet_eps(x, t, text)
+        image = (rest * 2 - 1).permute(0, 3, 1, 2).repeat(2, 1, 1, 1)
+        want = prior.unet(with_rest_channels(with_time_channel(x), image), t, text).sample
+        assert torch.allclose(got, want, atol=1e-5)
+        assert prior.rest is None  # restored on leaving
+        want_none = prior.unet(with_rest_channels(with_time_channel(x), None), t, text).sample
+        assert torch.allclose(prior.unet_eps(x, t, text), want_none, atol=1e-5)
+    assert with_rest_channels(with_time_channel(x), None)[:, 4:].abs().sum() == 0
+    with pytest.raises(ValueError, match=r"\[B, H, W, 3\]"):
+        with prior.at_rest(torch.rand(2, 3, 32, 32)):
+            pass
+    with pytest.raises(ValueError, match="4 clips for 3 rest images"):
+        with torch.no_grad(), prior.at_rest(torch.rand(3, 32, 32, 3)):
+            prior.unet_eps(x, t, text)
+    shipped = VideoDiffusionPrior.from_pretrained("gen3d/shapes-t2v", dtype="float32")
+    if not shipped.rest_frame:
+        with torch.no_grad():
+            plain = shipped.unet_eps(x, t, text)
+            with shipped.at_rest(rest):
+                assert torch.equal(shipped.unet_eps(x, t, text), plain)

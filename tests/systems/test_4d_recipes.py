@@ -69,6 +69,42 @@ def test_dynamic_stage_trains_the_field_only(tmp_path):
     assert not torch.allclose(system.dynamic.at(0.0).means, system.dynamic.at(1.0).means)
 
 
+@pytest.fixture(scope="module")
+def rest_prior(tmp_path_factory):
+    """A video prior that takes the object at rest (`train-video-prior rest_frame=true`), one step from gen3d/shapes-t2v."""
+    from gen3d.world.train_video_prior import VideoPriorTrainConfig, VideoPriorTrainer
+
+    work = tmp_path_factory.mktemp("i2v")
+    cfg = VideoPriorTrainConfig(output=str(work / "out"), work_dir=str(work / "work"), steps=1, max_objects=1,
+                                clips_per_pair=1, frames=4, size=32, supersample=1, progress=False, rest_frame=True,
+                                init_from="gen3d/shapes-t2v")
+    return str(VideoPriorTrainer(cfg).fit())
+
+
+@pytest.mark.parametrize("video_rest", [True, False])
+def test_video_prior_is_shown_the_static_stage(tmp_path, rest_prior, video_rest):
+    """A video prior that takes the object at rest is shown, at each video SDS step, the frozen static stage from the
+    clip's camera on the clip's background (video_rest=false: no image)."""
+    from gen3d.rendering.gaussian import render_gaussians
+
+    system = text4d(tmp_path, steps=5, static=4, extra=[f"video_rest={str(video_rest).lower()}",
+                                                        f"video_prior={rest_prior}"])
+    system.fit(stop_at=4)
+    assert system.video_prior.rest_frame
+    seen = []
+    at_rest = system.video_prior.at_rest
+    system.video_prior.at_rest = lambda rest: seen.append(rest) or at_rest(rest)  # record, then the real one
+    system.fit()
+    assert len(seen) == 1
+    if not video_rest:
+        assert seen[0] is None
+        return
+    assert seen[0].shape == (1, 32, 32, 3)
+    renders = [render_gaussians(system.model, system.last_cameras, torch.full((1, 3), bg)).rgb for bg in (0.0, 1.0)]
+    assert any(torch.allclose(seen[0], r, atol=1e-5) for r in renders)
+    assert not torch.allclose(renders[0], renders[1])  # the object is in view: the background is not all there is
+
+
 @pytest.mark.parametrize("stop_at", [4, 6])  # at the stage boundary, and inside the dynamic stage
 def test_resumed_run_matches_uninterrupted(tmp_path, stop_at):
     straight = text4d(tmp_path / "a", steps=8, static=4)

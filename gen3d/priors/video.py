@@ -49,7 +49,7 @@ class VideoDiffusionPrior(DiffusionPrior):
         extra = config.in_channels - config.out_channels if vae is None else 0
         self.time_channel = extra in (1, 1 + REST_CHANNELS)
         self.rest_frame = extra == 1 + REST_CHANNELS
-        """The UNet also takes the object at rest (`with_rest_channels`): the embedded prior's image conditioning."""
+        """The UNet also takes the object at rest (`with_rest_channels`; from `train-video-prior rest_frame=true`)."""
         self.extra_channels = extra if self.time_channel else 0
         self.rest: Tensor | None = None
         super().__init__(unet, scheduler, text_encoder, tokenizer, vae, **kwargs)

@@ -71,7 +71,7 @@ def test_dynamic_stage_trains_the_field_only(tmp_path):
 
 @pytest.fixture(scope="module")
 def rest_prior(tmp_path_factory):
-    """A video prior that takes the object at rest (`train-video-prior rest_frame=true`), one step from gen3d/shapes-t2v."""
+    """A video prior that takes the object at rest (`train-video-prior rest_frame=true`), one step from shapes-t2v."""
     from gen3d.world.train_video_prior import VideoPriorTrainConfig, VideoPriorTrainer
 
     work = tmp_path_factory.mktemp("i2v")

@@ -41,9 +41,10 @@ import torch.nn.functional as F
 from gen3d.world.animation import VERBS
 
 
-def clips(objects, frames: int, size: int, seed: int):
-    """True clips [N, 3, F, s, s] in [-1, 1] on white, their (object, motion, view word), and the objects at rest
-    [N, s, s, 3] in [0, 1] from the clips' cameras (`gen3d.priors.video.VideoDiffusionPrior.at_rest`)."""
+def clips(pairs, frames: int, size: int, seed: int):
+    """True clips [N, 3, F, s, s] in [-1, 1] on white of (object, motion) pairs, one random camera each, their
+    (object, motion, view word), and the objects at rest [N, s, s, 3] in [0, 1] from the clips' cameras
+    (`gen3d.priors.video.VideoDiffusionPrior.at_rest`)."""
     from gen3d.cameras import sample_orbit
     from gen3d.priors.prompts import view_directions
     from gen3d.world.animation import AnimatedObject
@@ -51,14 +52,13 @@ def clips(objects, frames: int, size: int, seed: int):
 
     g = torch.Generator().manual_seed(seed)
     out, info, rest = [], [], []
-    for obj in objects:
-        for motion in VERBS:
-            cams = sample_orbit(replace(TRAIN_ORBIT, batch_size=1), g, width=size, height=size)
-            animated = AnimatedObject(obj, motion)
-            clip = animated.frames(cams, frames, supersample=2)[:, 0]  # [F, s, s, 3] over white
-            out.append(clip.permute(3, 0, 1, 2) * 2 - 1)
-            info.append((obj, motion, view_directions(cams.azimuth, cams.elevation)[0]))
-            rest.append(animated.render(cams, animated.rest_time, supersample=2).rgb[0])
+    for obj, motion in pairs:
+        cams = sample_orbit(replace(TRAIN_ORBIT, batch_size=1), g, width=size, height=size)
+        animated = AnimatedObject(obj, motion)
+        clip = animated.frames(cams, frames, supersample=2)[:, 0]  # [F, s, s, 3] over white
+        out.append(clip.permute(3, 0, 1, 2) * 2 - 1)
+        info.append((obj, motion, view_directions(cams.azimuth, cams.elevation)[0]))
+        rest.append(animated.render(cams, animated.rest_time, supersample=2).rgb[0])
     return torch.stack(out), info, torch.stack(rest)
 
 
@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
     base = baseline_prior(prior.num_frames)
     compared = {path: VideoDiffusionPrior.from_pretrained(path) for path in args.compare}
     for name, objects in groups.items():
-        data, info, rest = clips(objects, prior.num_frames, prior.resolution, seed=1000)
+        pairs = [(obj, motion) for obj in objects for motion in VERBS]
+        data, info, rest = clips(pairs, prior.num_frames, prior.resolution, seed=1000)
         report[name] = {"clips": len(data), "trained": ratios(prior, data, info, rest),
                         "untrained_inflation": ratios(base, data, info),
                         **{path: ratios(other, data, info, rest) for path, other in compared.items()}}
@@ -157,10 +158,9 @@ def main(argv: list[str] | None = None) -> dict:
         prompts = [f"a {c} {s}, {VERBS[m]}" for c, s, m in cases]
         rest = None
         if prior.rest_frame:  # each sampled clip over the true one, from the same camera
-            objs = [WorldObject(s, c) for c, s, _ in cases]
-            truth, _, rest = clips(objs, prior.num_frames, prior.resolution, seed=0)
-            keep = [4 * i + list(VERBS).index(m) for i, (_, _, m) in enumerate(cases)]
-            truth, rest = (truth[keep].permute(0, 2, 3, 4, 1) + 1) / 2, rest[keep]
+            truth, _, rest = clips([(WorldObject(s, c), m) for c, s, m in cases], prior.num_frames, prior.resolution,
+                                   seed=0)
+            truth = (truth.permute(0, 2, 3, 4, 1) + 1) / 2
         videos = sample_videos(prior, prompts, steps=25, guidance_scale=5.0, generator=torch.Generator().manual_seed(0),
                                rest=rest)
         if rest is not None:

@@ -197,15 +197,15 @@ class VideoPriorTrainer(PriorTrainer):
         clips = premult + white * (1 - alpha)
         view = torch.rand(cfg.batch_size, generator=g) < cfg.view_dependent_fraction
         drop = torch.rand(cfg.batch_size, generator=g) < cfg.cond_dropout
-        captions = []
+        captions, at_rest = [], []
         for j, i in enumerate(idx.tolist()):
             shape, color, motion, direction = d["info"][i]
-            text = AnimatedObject(WorldObject(shape, color), motion).caption(g)
+            animated = AnimatedObject(WorldObject(shape, color), motion)
+            text = animated.caption(g)
             if view[j]:
                 text = f"{text}, {direction} view"
             captions.append("" if drop[j] else text)
-        at_rest = [round(AnimatedObject(WorldObject(*d["info"][i][:2]), d["info"][i][2]).rest_time * (cfg.frames - 1))
-                   for i in idx.tolist()]  # the frame index of rest: 0, or the last one for a growth
+            at_rest.append(round(animated.rest_time * (cfg.frames - 1)))  # rest's frame: 0, or the last for a growth
         rest = clips[torch.arange(len(idx)), :, torch.tensor(at_rest)]  # [B, 3, s, s]
         return clips * 2 - 1, captions, rest * 2 - 1
 

@@ -153,6 +153,15 @@ class OrbitConfig:
             raise ValueError(f"cameras.fovy_range must lie in (0, 180) degrees, got {list(self.fovy_range)}")
         if self.distance_range[0] <= 0:
             raise ValueError(f"cameras.distance_range must be positive, got {list(self.distance_range)}")
+        for name in ("width", "height", "eval_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"cameras.{name} must be >= 1 pixel, got {getattr(self, name)}")
+        if not self.eval_distance > 0:
+            raise ValueError(f"cameras.eval_distance must be > 0, got {self.eval_distance}")
+        if not 0 < self.eval_fovy < 180:
+            raise ValueError(f"cameras.eval_fovy must lie in (0, 180) degrees, got {self.eval_fovy}")
+        if not -90 <= self.eval_elevation <= 90:
+            raise ValueError(f"cameras.eval_elevation must lie in [-90, 90] degrees, got {self.eval_elevation}")
 
 
 def _uniform(lo: float, hi: float, n: int, generator: torch.Generator | None) -> Tensor:

@@ -18,6 +18,8 @@ run saves a checkpoint and exits with status 130.
 from __future__ import annotations
 
 import argparse
+import difflib
+import re
 import shutil
 import sys
 from importlib import resources
@@ -26,6 +28,20 @@ from pathlib import Path
 from gen3d.errors import ConfigError, Gen3dError
 
 EPILOG = "Run `gen3d <verb> --help` for a verb's options. Docs: README.md."
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in the form of every other user error: one line starting with ``error:``, naming the
+    verb, with a did-you-mean for a misspelled verb, and where to read more (status 2)."""
+
+    def error(self, message: str):
+        choice = re.match(r"argument .*: invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+        if choice:
+            options = re.findall(r"'([^']*)'", choice.group(2))
+            close = difflib.get_close_matches(choice.group(1), options, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            message = f"unknown verb '{choice.group(1)}'; {hint}choose among {', '.join(options)}"
+        self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
 
 
 def preset_dir() -> Path:
@@ -39,6 +55,9 @@ def list_presets() -> dict[str, Path]:
 
 def resolve_config_path(ref: str) -> Path:
     path = Path(ref)
+    if path.is_dir():
+        raise ConfigError(f"'{ref}' is a folder but not a run folder (it has no config.yaml); pass a preset name, a "
+                          "YAML file, a run folder or @last")
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise ConfigError(f"config file '{ref}' does not exist; presets: {', '.join(list_presets())}")
@@ -107,18 +126,30 @@ def cmd_run(args: argparse.Namespace) -> int:
         system.log.info(f"run folder: {run_dir}")
         if args.resume:
             system.resume()
-            if system.step >= cfg.max_steps:
+            if system.step >= cfg.max_steps and not _missing_outputs(run_dir, cfg):
                 system.log.info(f"the run already reached max_steps={cfg.max_steps}; raise it to train longer, e.g. max_steps={cfg.max_steps * 2}")
                 return 0
-        system.fit()
+        system.fit()  # at max_steps (stopped while writing its outputs): only the outputs
     except Interrupted as exc:
         print(f"\n{exc}", file=sys.stderr)
-        return 130
+        return exc.exit_status
     except Gen3dError:
         if created and not any((run_dir / "checkpoints").glob("step-*")):
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth keeping was written
         raise
     return 0
+
+
+def _missing_outputs(run_dir: Path, cfg) -> list[str]:
+    """The end-of-run files (turntable, exports) a finished run should have but does not, e.g. after a signal while
+    they were being written."""
+    from gen3d.systems.base import default_export_name
+
+    missing = [f"export/{default_export_name(f)}" for f in cfg.exports
+               if f != "video" and not (run_dir / "export" / default_export_name(f)).exists()]
+    if cfg.turntable_frames and not any((run_dir / "video").glob("turntable.*")):
+        missing.append("video/turntable.mp4")
+    return missing
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -202,13 +233,20 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     """`gen3d sample PROMPT [--steps N]`: the few-step generator's sample as a run folder (a dreamgaussian run at
     step 0)."""
+    from gen3d.config import clean_text
+
     system_cls, cfg = load_run_config(args.config, args.overrides)
     if system_cls.name != "dreamgaussian":
         raise ConfigError(f"gen3d sample needs a dreamgaussian (text-to-3D Gaussians) config, got system "
                           f"'{system_cls.name}'")
     if args.steps is not None and args.steps < 1:
         raise Gen3dError(f"--steps must be >= 1, got {args.steps}")
-    cfg.prompt, cfg.init = args.prompt, "flow"
+    try:
+        cfg.prompt, cfg.init = clean_text("the prompt", args.prompt), "flow"
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if not cfg.prompt.strip():
+        raise ConfigError('the prompt is empty; say what to generate, e.g. gen3d sample "a red mug"')
     if args.steps is not None:
         cfg.flow_steps = args.steps
     _feed_forward_exports(cfg, args.overrides, args.mesh)
@@ -228,6 +266,8 @@ def cmd_view(args: argparse.Namespace) -> int:
     """`gen3d view TARGET`: serve the result until Ctrl-C."""
     import time
 
+    if not 1 <= args.port <= 65535:
+        raise Gen3dError(f"--port must be in 1..65535, got {args.port}")
     from gen3d.viewer.snapshots import snapshot_of
 
     snapshot, title, description = snapshot_of(args.target, args.output_dir)
@@ -290,15 +330,15 @@ def cmd_world_train(args: argparse.Namespace) -> int:
     """`gen3d world train-*` / `distill-flow`: one trainer, configured by overrides, resumable."""
     from gen3d.config import apply_overrides, describe, from_dict
 
+    processes = getattr(args, "processes", 1)
+    if processes < 1:
+        raise Gen3dError(f"--processes must be >= 1, got {processes}")
     module, config_name, trainer_name = args.trainer
     config_cls, trainer_cls = _lazy(module, config_name), _lazy(module, trainer_name)
     cfg = from_dict(config_cls, apply_overrides(config_cls, {}, args.overrides))
     if args.show_config:
         print("\n".join(describe(cfg)))
         return 0
-    processes = getattr(args, "processes", 1)
-    if processes < 1:
-        raise Gen3dError(f"--processes must be >= 1, got {processes}")
     if processes > 1:  # data-parallel: every process runs the trainer, rank 0 writes
         from gen3d.world.trainer import run_distributed
 
@@ -341,6 +381,8 @@ def cmd_world_catalog(args: argparse.Namespace) -> int:
     from gen3d.world.catalog import COLORS, SHAPES, WorldObject
     from gen3d.world.render import contact_sheet
 
+    if not 1 <= args.views <= 64 or not 16 <= args.size <= 1024:
+        raise Gen3dError(f"--views must be in 1..64 and --size in 16..1024, got {args.views} and {args.size}")
     colors = list(COLORS)
     objects = [WorldObject(shape, colors[i % len(colors)]) for i, shape in enumerate(SHAPES)]
     sheet = contact_sheet(objects, orbit_cameras(args.views, elevation=20.0, distance=2.3, width=args.size, height=args.size))
@@ -375,7 +417,7 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     build it only when they are asked for (`gen3d --help` stays fast)."""
     from gen3d import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gen3d", description="Text or one image to 3D: score distillation, exports, viewer.", epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"gen3d {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="<verb>")
@@ -385,7 +427,7 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
         "folder or @last. Overrides are dotted key=value pairs, e.g. prompt=\"a red mug\" max_steps=200 "
         "guidance.guidance_scale=50; --show-config lists every key."))
     run.add_argument("config", help="preset name, YAML file, run folder, or @last")
-    run.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    run.add_argument("overrides", nargs="*", default=[], help="dotted key=value overrides")
     run.add_argument("--resume", action="store_true", help="continue the run folder CONFIG (or @last) from its newest checkpoint")
     run.add_argument("--show-config", action="store_true", help="print the resolved config with each key's meaning and exit")
     run.add_argument("--viewer", action="store_true", help="watch the run in the browser (= viewer.enabled=true; "
@@ -394,7 +436,7 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
 
     resume = sub.add_parser("resume", help="continue a run from its newest checkpoint (= run RUN --resume)")
     resume.add_argument("config", metavar="run", help="run folder or @last")
-    resume.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. max_steps=1000")
+    resume.add_argument("overrides", nargs="*", default=[], help="dotted key=value overrides, e.g. max_steps=1000")
     resume.add_argument("--viewer", action="store_true", help="watch the run in the browser")
     resume.set_defaults(func=cmd_run, resume=True, show_config=False)
 
@@ -413,7 +455,7 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
         "is an image-to-3d run at step 0: `gen3d resume RUN` refines it with Zero123 SDS, `gen3d export RUN` and "
         "`gen3d view RUN` work on it.")
     recon.add_argument("image", help="RGBA image, or RGB on a plain background")
-    recon.add_argument("overrides", nargs="*", metavar="key=value",
+    recon.add_argument("overrides", nargs="*", default=[], metavar="key=value",
                        help="image-to-3d settings, e.g. elevation=15 recon_model=FOLDER exports=[splat-ply,obj]")
     recon.add_argument("--mesh", action="store_true", help="also write a textured mesh (export/mesh.glb)")
     recon.add_argument("--config", default="image-to-3d", help="image-to-3d preset or YAML the settings start from")
@@ -428,7 +470,7 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
         "with SDS, `gen3d export RUN` and `gen3d view RUN` work on it. seed=N draws another sample; "
         "flow_model=gen3d/shapes-flow-teacher samples the 25-step teacher.")
     sample.add_argument("prompt", help='what to generate, e.g. "a red mug"')
-    sample.add_argument("overrides", nargs="*", metavar="key=value",
+    sample.add_argument("overrides", nargs="*", default=[], metavar="key=value",
                         help="dreamgaussian settings, e.g. seed=3 flow_model=FOLDER flow_points=2048 exports=[obj]")
     sample.add_argument("--steps", type=int, default=None,
                         help="sampling steps (default: the generator's own, 1 for gen3d/shapes-flow)")
@@ -438,7 +480,7 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="write a run's result as GLB / OBJ / PLY mesh, 3DGS PLY or video")
     export.add_argument("run", help="run folder or @last")
-    export.add_argument("overrides", nargs="*", metavar="key=value",
+    export.add_argument("overrides", nargs="*", default=[], metavar="key=value",
                         help="export settings, e.g. mesh_faces=20000 texture_size=512 mesh_threshold=auto")
     export.add_argument("--format", nargs="+", metavar="FORMAT",
                         help="glb / obj: textured mesh; ply: vertex-colored mesh; splat-ply: standard 3DGS PLY; "
@@ -452,7 +494,7 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=_convert_help() if verb == "convert" else "Distill a run into another representation.")
     convert.add_argument("run", help="run folder or @last (a dreamfusion or dreamgaussian run with a checkpoint)")
-    convert.add_argument("overrides", nargs="*", metavar="key=value",
+    convert.add_argument("overrides", nargs="*", default=[], metavar="key=value",
                          help="to=hashgrid|triplane|gaussians (required), steps=N (default 500), convert.<key>=... "
                               "for the distillation, anything else for the new run's config")
     convert.add_argument("--output-dir", default="outputs", help="where @last looks for runs")
@@ -477,7 +519,7 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     for verb, (module, config_name, trainer_name, text) in trainers.items():
         train = wsub.add_parser(verb, help=text, description=f"{text[0].upper()}{text[1:]}, from a seed; overrides "
                                 "such as steps=200 output=/tmp/prior; --show-config lists them.")
-        train.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+        train.add_argument("overrides", nargs="*", default=[], help="dotted key=value overrides")
         train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in work_dir")
         train.add_argument("--show-config", action="store_true", help="print every setting with its meaning and exit")
         if verb not in ("train-prior", "train-view-prior", "train-video-prior"):
@@ -503,7 +545,18 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
 
     configs = sub.add_parser("configs", help="list the config presets")
     configs.set_defaults(func=cmd_configs)
+    parser.verb_parsers = {**sub.choices, **{f"world {name}": p for name, p in wsub.choices.items()}}
     return parser
+
+
+def _unrecognized(parser: argparse.ArgumentParser, args: argparse.Namespace, stray: list[str]) -> None:
+    """Fail on arguments no verb takes, in the verb's name, suggesting the option that was probably meant."""
+    verb = " ".join(v for v in (getattr(args, "verb", None), getattr(args, "world_verb", None)) if v)
+    verb_parser = parser.verb_parsers.get(verb, parser)
+    options = set(re.findall(r"--[\w-]+", verb_parser.format_usage())) - {"--help"}
+    close = difflib.get_close_matches(stray[0].split("=")[0], sorted(options), n=1) if stray[0].startswith("-") else []
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    verb_parser.error(f"unrecognized argument{'s' * (len(stray) > 1)} {' '.join(stray)}{hint}")
 
 
 def _convert_help() -> str:
@@ -536,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     # key=value overrides may come after options (gen3d run @last --resume max_steps=900)
     stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
     if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+        _unrecognized(parser, args, stray)
     if extra:
         args.overrides = [*args.overrides, *extra]
     if not getattr(args, "func", None):

@@ -18,10 +18,12 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import re
 import textwrap
 import types
 import typing
+import unicodedata
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Union
@@ -75,14 +77,16 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
+        errors = {}
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, path)
             except ConfigError as exc:
-                errors.append(str(exc))
+                errors[arg] = exc
+        if isinstance(value, (int, float, str)) and float in errors and "finite number" in str(errors[float]):
+            raise errors[float]  # e.g. guidance_scale=nan: say why the number is refused
         raise ConfigError(f"{path}: {value!r} does not fit type {_type_name(tp)}")
     if _is_dataclass_type(tp):
         if isinstance(value, tp):
@@ -110,12 +114,23 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return value
         raise ConfigError(f"{path}: expected true or false, got {value!r}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
         if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):  # YAML 1.1 reads 1e-3 as a string
-            return float(value)
-        raise ConfigError(f"{path}: expected a number, got {value!r}")
+            value = float(value)
+        elif isinstance(value, str) and _NON_FINITE.fullmatch(value.strip()):  # nan, inf written as text
+            value = float(value.strip().replace(".", ""))
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        # NaN or infinity is never a usable setting: it would poison the run silently many steps later
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an integer beyond the float range
+            finite = False
+        if not finite:
+            raise ConfigError(f"{path} must be a finite number, got {value}")
+        return float(value)
     if tp is int:
+        if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):  # max_steps=1e3 (YAML 1.1 keeps it text)
+            value = float(value)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
@@ -152,7 +167,7 @@ def _unknown(cls: type, key: str, path: str, root: type | None = None) -> Config
         leaves = {c.rsplit(".", 1)[-1]: c for c in reversed(candidates)}
         close = [leaves[m] for m in difflib.get_close_matches(key, list(leaves), n=1, cutoff=0.6)]
     hint = f"; did you mean '{close[0]}'?" if close else ""
-    return ConfigError(f"unknown config key '{full}'{hint} (list the keys with --show-config)")
+    return ConfigError(f"unknown config key {full!r}{hint} (list the keys with --show-config)")
 
 
 def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
@@ -160,13 +175,16 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
     names = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
-        if key not in names:
-            raise _unknown(cls, key, path)
+        if not isinstance(key, str) or key not in names:  # YAML keys may also be numbers, null, true
+            raise _unknown(cls, str(key), path)
         kwargs[key] = _coerce(value, _hints(cls)[key], f"{path}.{key}" if path else key)
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{path or cls.__name__}: {exc}") from None
+        message = str(exc)
+        # most checks name their key already ("cameras.batch_size must be >= 1"); name the section otherwise
+        named = not path or message.startswith((path, f"{cls.__name__}.", f"{cls.__name__}:"))
+        raise ConfigError(message if named else f"{path}: {message}") from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -183,19 +201,20 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 _DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_NON_FINITE = re.compile(r"[-+]?\.?(nan|inf|infinity)", re.IGNORECASE)
 
 
 def parse_override(text: str) -> tuple[str, Any, str]:
     """``"a.b=1"`` -> ``("a.b", 1, "1")`` (key, YAML-parsed value, raw text)."""
     if "=" not in text:
-        raise ConfigError(f"override '{text}' is not key=value; write e.g. prompt=\"a red mug\" or max_steps=200")
+        raise ConfigError(f"override {text!r} is not key=value; write e.g. prompt=\"a red mug\" or max_steps=200")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key:
-        raise ConfigError(f"override '{text}' has no key before '='")
+        raise ConfigError(f"override {text!r} has no key before '='")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: PyYAML's date 2020-13-45; deep [[[...
         value = raw
     return key, value, raw
 
@@ -214,13 +233,17 @@ def apply_overrides(cls: type, data: dict[str, Any], overrides: list[str]) -> di
             tp = _hints(klass)[part]
             path = f"{path}.{part}" if path else part
             if i == len(parts) - 1:
-                # A string field keeps the raw text (prompt=yes is "yes", not True).
-                if _accepts_str(tp) and not isinstance(value, str) and not isinstance(value, (list, dict)):
+                # A text field keeps the raw text (prompt=yes is "yes", not True; prompt=mug: red is not a mapping;
+                # prompt=a mug #2 keeps its "#2"), unless the text is quoted.
+                quoted = raw.strip()[:1] in ("'", '"') and isinstance(value, str)
+                if tp is str and not quoted:
+                    value = raw
+                elif _accepts_str(tp) and not isinstance(value, str) and not isinstance(value, (list, dict)):
                     value = raw
                 node[part] = value
             else:
                 if not _is_dataclass_type(tp):
-                    raise ConfigError(f"'{path}' is a value, not a section, so '{key}' does not exist")
+                    raise ConfigError(f"'{path}' is a value, not a section, so {key!r} does not exist")
                 node = node.setdefault(part, {})
                 if not isinstance(node, dict):
                     raise ConfigError(f"'{path}' is a section; set its fields as {path}.<field>=...")
@@ -248,16 +271,35 @@ def _deep_copy(d: Any) -> Any:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file '{path}' does not exist") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file '{path}' is not text (not UTF-8); pass a YAML file such as "
+                          "configs/dreamgaussian.yaml or a preset name") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file '{path}' ({exc.strerror or exc}); pass a readable YAML file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config file '{path}' is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line, also for a ReaderError
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}: {problem}") from None
+    except (ValueError, RecursionError) as exc:  # PyYAML's datetime of a date like 2020-13-45; nesting too deep
+        raise ConfigError(f"config file '{path}' is not valid YAML: {str(exc)[:100] or type(exc).__name__}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must be a mapping of keys to values, got {type(data).__name__}")
     return data
+
+
+def clean_text(name: str, text: str) -> str:
+    """Prompt-like `text` with each line break or tab turned into a space; ValueError on any other control character
+    (NUL, ESC of a terminal color code, ...), which a text encoder cannot read and which would garble logs."""
+    text = re.sub(r"[\t\n\r\v\f]", " ", text)
+    for i, ch in enumerate(text):
+        if unicodedata.category(ch) == "Cc":
+            raise ValueError(f"{name} contains the control character U+{ord(ch):04X} at position {i}; remove it "
+                             "(line breaks and tabs are read as spaces)")
+    return text
 
 
 def describe(cfg: Any, prefix: str = "") -> list[str]:

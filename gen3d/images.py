@@ -5,7 +5,7 @@ the way Zero-1-to-3's and DreamGaussian's preprocessing prepares an input view:
 
 1. **Read.** Every mode PIL opens becomes 8-bit RGB(A): palette and grayscale images are converted,
    16-bit and 32-bit grayscale are rescaled by their range (not clipped), CMYK is converted, an
-   animated image contributes its first frame.
+   animated image contributes its first frame, with a warning (its motion is video-to-4D's input).
 2. **Foreground.** From the alpha channel when it has one that is not fully opaque (alpha > 50%);
    otherwise from the background color: the median of the one-pixel border, which must be one plain
    color (its pixels within `tolerance` of the median for 95% of the border), and every pixel
@@ -16,8 +16,10 @@ the way Zero-1-to-3's and DreamGaussian's preprocessing prepares an input view:
    0.8-0.85); the rest is white, and the mask is resampled the same way. ``recenter=False`` keeps the
    image's framing instead (when its camera is known, e.g. a render).
 
-Every failure is a `Gen3dError` that says what was wrong and what to do: a missing or unreadable
-file, an image smaller than 16 px, no foreground, a background that is not plain.
+Every failure is a `Gen3dError` that says what was wrong and what to do, never another exception (a
+property test feeds the reader arbitrary bytes): a missing path, a folder, an empty, truncated or damaged
+file, a file that is not an image, an image smaller than 16 px or larger than PIL's 89 megapixels, no
+foreground, a background that is not plain.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -35,6 +38,7 @@ from gen3d.errors import Gen3dError
 __all__ = ["ReferenceImage", "load_clip", "load_reference", "prepare_clip", "prepare_reference"]
 
 MIN_SIDE = 16
+MAX_PIXELS = 89_478_485  # PIL's own limit against decompression bombs
 
 
 @dataclass
@@ -49,33 +53,73 @@ class ReferenceImage:
     fill_ratio: float
 
 
-def _read(path: Path) -> np.ndarray:
-    """The image at `path` as float32 [H, W, 3 or 4] in [0, 1] (see the module docstring, step 1)."""
-    from PIL import Image, UnidentifiedImageError
+def _read(path: Path, warn: Callable[[str], None] | None = None) -> np.ndarray:
+    """The image at `path` as float32 [H, W, 3 or 4] in [0, 1] (see the module docstring, step 1).
 
+    Every file that is not a readable image of at least MIN_SIDE pixels raises a `Gen3dError`; an animated image
+    is read as its first frame and `warn` (default: `warnings.warn`) says so.
+    """
+    import warnings
+
+    from PIL import Image
+
+    if path.is_dir():
+        raise Gen3dError(f"image '{path}' is a folder; pass one image file (a folder of frames is a video: "
+                         "gen3d run video-to-4d video=<folder>)")
     if not path.is_file():
-        raise Gen3dError(f"image '{path}' does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+        raise Gen3dError(f"image '{path}' does not exist; check the path")
+    if path.stat().st_size == 0:
+        raise Gen3dError(f"image '{path}' is empty (0 bytes); pass a PNG, JPEG or WebP file")
     try:
-        image = Image.open(path)
-        image.seek(0)  # the first frame of an animation
-        image.load()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise Gen3dError(f"cannot read '{path}' as an image ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                         "pass a PNG, JPEG or WebP file") from None
-    if image.width < MIN_SIDE or image.height < MIN_SIDE:
-        raise Gen3dError(f"image '{path}' is {image.width}x{image.height} pixels; image-to-3D needs at least "
-                         f"{MIN_SIDE}x{MIN_SIDE} (256x256 or more is best)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
+            image = Image.open(path)
+        with image:
+            if image.width < MIN_SIDE or image.height < MIN_SIDE:
+                raise Gen3dError(f"image '{path}' is {image.width}x{image.height} pixels; image-to-3D needs at least "
+                                 f"{MIN_SIDE}x{MIN_SIDE} (256x256 or more is best)")
+            if image.width * image.height > MAX_PIXELS:
+                raise Gen3dError(f"image '{path}' is {image.width}x{image.height} pixels, more than the "
+                                 f"{MAX_PIXELS / 1e6:.0f} million read; downscale it (1024x1024 is plenty)")
+            frames = getattr(image, "n_frames", 1)
+            image.seek(0)
+            image.load()
+            array = _to_float(image)
+    except Gen3dError:
+        raise
+    except PermissionError as exc:
+        raise Gen3dError(f"cannot open image '{path}' ({exc.strerror}); make it readable") from None
+    except Exception as exc:  # PIL's decoders raise many types on a malformed file (OSError, SyntaxError, ...)
+        raise Gen3dError(f"cannot read '{path}' as an image ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                         "); it is damaged or not an image: pass a PNG, JPEG or WebP file") from None
+    if frames > 1:
+        message = (f"image '{path}' is animated ({frames} frames); image-to-3D uses its first frame (for its motion: "
+                   "gen3d run video-to-4d video=<file>)")
+        warn(message) if warn is not None else warnings.warn(message, stacklevel=3)
+    if not np.isfinite(array).all():  # a float image with NaN or inf: such pixels are black
+        array = np.nan_to_num(array, nan=0.0, posinf=1.0, neginf=0.0)
+    return array
+
+
+def _to_float(image) -> np.ndarray:
+    """A loaded PIL image of any mode as float32 [H, W, 3 or 4] in [0, 1]."""
     mode = image.mode
-    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # high bit depth gray: rescale, do not clip
-        gray = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if gray.max() > 255 else 255.0
+    if mode.startswith("I;16"):  # 16-bit gray: the file's range is 0..65535, whatever the values in it
+        gray = np.asarray(image, dtype=np.float64) / 65535.0
+    elif mode in ("I", "F"):  # 32-bit gray: rescale by the range the values use, do not clip
+        gray = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
+        top = float(gray.max()) if gray.size else 1.0
         if mode == "F":
-            top = max(float(gray.max()), 1.0) if gray.max() > 1 else 1.0
-        gray = np.clip(gray / top, 0.0, 1.0).astype(np.float32)
-        return np.repeat(gray[..., None], 3, axis=-1)
-    has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in image.info)
-    image = image.convert("RGBA" if has_alpha else "RGB")
-    return np.asarray(image, dtype=np.float32) / 255.0
+            top = max(top, 1.0)
+        else:
+            top = 255.0 if top <= 255 else 65535.0 if top <= 65535 else top
+        gray = gray / top
+    else:
+        has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in image.info)
+        image = image.convert("RGBA" if has_alpha else "RGB")
+        return np.asarray(image, dtype=np.float32) / 255.0
+    gray = np.clip(gray, 0.0, 1.0).astype(np.float32)
+    return np.repeat(gray[..., None], 3, axis=-1)
 
 
 def _components(mask: np.ndarray, min_ratio: float = 0.01) -> np.ndarray:
@@ -184,11 +228,12 @@ def _place(rgb, mask, soft, mask_from: str, box, size: int, fill_ratio: float, s
 
 
 def load_reference(path: str | os.PathLike, size: int = 256, fill_ratio: float = 0.85, tolerance: float = 0.1,
-                   recenter: bool = True) -> ReferenceImage:
+                   recenter: bool = True, warn: Callable[[str], None] | None = None) -> ReferenceImage:
     """The object of the image at `path`, centered on white at `size` x `size`, filling `fill_ratio` of it
-    (recenter=False: the image's own framing)."""
+    (recenter=False: the image's own framing). `warn` receives the warning about an animated image (default:
+    `warnings.warn`)."""
     path = Path(path)
-    return prepare_reference(_read(path), size, fill_ratio, tolerance, source=str(path), recenter=recenter)
+    return prepare_reference(_read(path, warn), size, fill_ratio, tolerance, source=str(path), recenter=recenter)
 
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".gif", ".webp", ".png", ".apng")
@@ -221,13 +266,25 @@ def read_video(path: str | os.PathLike) -> list[np.ndarray]:
         if not frames:
             raise Gen3dError(f"video '{path}' has no frames")
         return frames
-    from PIL import Image, ImageSequence, UnidentifiedImageError
+    import warnings
 
+    from PIL import Image, ImageSequence
+
+    if path.stat().st_size == 0:
+        raise Gen3dError(f"video '{path}' is empty (0 bytes); pass an mp4, an animated gif / webp / png, or a folder "
+                         "of frames")
     try:
-        with Image.open(path) as image:
-            frames = [np.asarray(f.convert("RGBA" if "transparency" in f.info or f.mode in ("RGBA", "LA", "PA")
-                                           else "RGB"), dtype=np.float32) / 255.0 for f in ImageSequence.Iterator(image)]
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
+            image = Image.open(path)
+        with image:
+            if image.width * image.height > MAX_PIXELS:
+                raise Gen3dError(f"video '{path}' is {image.width}x{image.height} pixels, more than the "
+                                 f"{MAX_PIXELS / 1e6:.0f} million read; downscale it")
+            frames = [_to_float(frame) for frame in ImageSequence.Iterator(image)]
+    except Gen3dError:
+        raise
+    except Exception as exc:  # PIL's decoders raise many types on a malformed file (OSError, SyntaxError, ...)
         raise Gen3dError(f"cannot read '{path}' as a video ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
                          f"pass an mp4, an animated gif / webp / png, or a folder of frames") from None
     return frames

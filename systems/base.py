@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import signal
 import sys
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -25,12 +27,12 @@ import torch
 from tqdm.auto import tqdm
 
 from gen3d.cameras import Cameras, OrbitConfig, orbit_cameras
-from gen3d.config import to_dict
+from gen3d.config import clean_text, to_dict
 from gen3d.errors import CheckpointError, Gen3dError
 from gen3d.export.refine import TextureRefineConfig
 from gen3d.io import write_text_atomic
 from gen3d.rendering.types import RenderOutput
-from gen3d.runs import latest_checkpoint, save_checkpoint
+from gen3d.runs import checkpoint_dirs, latest_checkpoint, save_checkpoint
 
 import yaml
 
@@ -113,19 +115,28 @@ class RunConfig:
     """Show a progress bar (step, it/s, loss)."""
     threads: int = 0
     """CPU threads for torch (0: torch's default)."""
+    max_nonfinite_steps: int = 10
+    """Steps with a NaN/Inf loss or gradient are skipped (no update); stop after more than this many in a row
+    (0: at the first)."""
     viewer: ViewerConfig = field(default_factory=ViewerConfig)
     """Live browser viewer."""
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
-        for name in ("val_every", "checkpoint_every", "log_every", "turntable_frames", "keep_checkpoints"):
+        for name in ("val_every", "checkpoint_every", "log_every", "turntable_frames", "keep_checkpoints", "seed",
+                     "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("val_views", "turntable_fps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         bad = [f for f in self.exports if FORMAT_ALIASES.get(f, f) not in EXPORT_FORMATS]
         if bad:
             raise ValueError(f"exports: unknown format(s) {bad}; choose among {list(EXPORT_FORMATS)}")
         self.exports = [export_format(f) for f in self.exports]
+        if self.max_nonfinite_steps < 0:
+            raise ValueError(f"max_nonfinite_steps must be >= 0 (0: stop at the first), got {self.max_nonfinite_steps}")
 
 
 @dataclass
@@ -166,6 +177,8 @@ class TextTo3DConfig(RunConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.prompt = clean_text("prompt", self.prompt)
+        self.negative_prompt = clean_text("negative_prompt", self.negative_prompt)
         if self.mesh_threshold != "auto":
             try:
                 ok = float(self.mesh_threshold) > 0
@@ -206,12 +219,15 @@ def load_text_prior(cfg: TextTo3DConfig, device: torch.device):
     return prior, prompts
 
 
-class Interrupted(Exception):
-    """Raised by `fit` after Ctrl-C, once the checkpoint is safely written."""
 
-    def __init__(self, step: int, run_dir: Path):
-        super().__init__(f"interrupted at step {step}; checkpoint saved; resume with: gen3d run {run_dir} --resume")
+class Interrupted(Exception):
+    """Raised by `fit` after SIGINT (Ctrl-C) or SIGTERM, once the checkpoint is safely written (or, after a second
+    signal, once the write in progress was abandoned); the message says what was saved and how to go on."""
+
+    def __init__(self, message: str, step: int, run_dir: Path, signum: int = signal.SIGINT):
+        super().__init__(message)
         self.step, self.run_dir = step, run_dir
+        self.exit_status = 128 + int(signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 
 
 def pick_device(name: str) -> torch.device:
@@ -280,13 +296,46 @@ class System:
     def load_training_state(self, state: dict[str, Any]) -> None:
         pass
 
-    def check_loss(self, loss: torch.Tensor, step: int, learning_rates: str) -> None:
-        """Stop with advice when `loss` is not finite; `learning_rates` names the config keys to lower."""
-        if not torch.isfinite(loss):
+    nonfinite_steps: int = 0
+    """Steps skipped so far for a NaN/Inf loss or gradient (in this process)."""
+    _nonfinite_run: int = 0  # of them, the ones in a row up to the last step
+    _skipped: str = ""  # why the last step was skipped ("" when it was not)
+
+    def optimize(self, loss: torch.Tensor, step: int, learning_rates: str,
+                 optimizer: torch.optim.Optimizer | None = None) -> bool:
+        """Backward and `optimizer.step()` (default: `self.optimizer`), unless the loss or a gradient is NaN/Inf:
+        then the step is skipped (no update; the caller skips its gradient statistics too), counted and logged,
+        and more than `max_nonfinite_steps` skipped in a row stop the run with advice (`learning_rates` names
+        the config keys to lower). Returns whether the update was made."""
+        optimizer = optimizer if optimizer is not None else self.optimizer
+        optimizer.zero_grad(set_to_none=True)
+        self._skipped = ""
+        if not bool(torch.isfinite(loss.detach()).all()):
+            self._skipped = f"the loss is {loss.detach().sum().item()}"
+        else:
+            loss.backward()
+            bad = [group.get("name", str(i)) for i, group in enumerate(optimizer.param_groups)
+                   if not _grads_finite(group["params"])]
+            if bad:
+                self._skipped = f"the gradient of {', '.join(bad)} is not finite"
+        if not self._skipped:
+            optimizer.step()
+            self._nonfinite_run = 0
+            return True
+        optimizer.zero_grad(set_to_none=True)  # nothing of this step reaches the parameters
+        self.nonfinite_steps += 1
+        self._nonfinite_run += 1
+        limit = self.cfg.max_nonfinite_steps
+        self.log.warning(f"step {step} skipped: {self._skipped} ({self._nonfinite_run} in a row, "
+                         f"{self.nonfinite_steps} in all; the run stops at {limit + 1} in a row: max_nonfinite_steps)")
+        if self._nonfinite_run > limit:
+            ckpt = checkpoint_dirs(self.run_dir)
+            kept = (f"the last checkpoint ({ckpt[-1]}) is intact" if ckpt else "no checkpoint was written")
             raise Gen3dError(
-                f"the loss became {loss.item()} at step {step}; the last checkpoint in {self.run_dir / 'checkpoints'} "
-                f"is intact: lower the learning rates ({learning_rates}) or guidance.guidance_scale and resume or rerun"
-            )
+                f"stopped at step {step}: {self._nonfinite_run} step(s) in a row had a non-finite loss or gradient "
+                f"(last: {self._skipped}; max_nonfinite_steps={limit}); {kept}; lower the learning rates "
+                f"({learning_rates}) or guidance.guidance_scale and resume, or rerun")
+        return False
 
     def query(self):
         """The representation through the one query interface of the quality metrics
@@ -436,21 +485,33 @@ class System:
         if viewer is not None:
             viewer.training = True
         self._published = time.perf_counter()
-        previous = signal.getsignal(signal.SIGINT)
-        installed = _install_sigint(self)
+        previous = _install_stop_signals(self)
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress, dynamic_ncols=True,
                    desc=f"{self.name}", unit="step", file=sys.stderr)
-        metrics_file = (self.run_dir / "metrics.jsonl").open("a")
+        try:
+            metrics_file = (self.run_dir / "metrics.jsonl").open("a")
+        except OSError as exc:
+            bar.close()
+            raise (self._write_error(exc) or exc) from None
         try:
             t0 = time.perf_counter()
             while self.step < end:
                 step = self.step + 1
+                self._skipped = ""
                 out = self.training_step(step)
                 self.step = step
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in out.items() if k in ("loss", "n_gaussians")}, refresh=False)
-                if cfg.log_every and (step % cfg.log_every == 0 or step == end):
+                if self._skipped:  # every skipped step is recorded, whatever log_every (NaN is not JSON: left out)
+                    finite = {k: v for k, v in out.items() if not (isinstance(v, float) and not math.isfinite(v))}
+                    record = {"step": step, "time": round(time.perf_counter() - t0, 3), "skipped": self._skipped,
+                              "nonfinite_steps": self.nonfinite_steps, **finite}
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                elif cfg.log_every and (step % cfg.log_every == 0 or step == end):
                     record = {"step": step, "time": round(time.perf_counter() - t0, 3), **out}
+                    if self.nonfinite_steps:
+                        record["nonfinite_steps"] = self.nonfinite_steps
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
                 if cfg.val_every and step % cfg.val_every == 0:
@@ -459,8 +520,12 @@ class System:
                     self._serve_viewer(viewer, step, out)
                 if self._interrupt:
                     self.save()
-                    raise Interrupted(step, self.run_dir)
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    go_on = (f"resume with: gen3d run {self.run_dir} --resume" if step < cfg.max_steps
+                             else f"write the outputs with: gen3d export {self.run_dir}")
+                    raise Interrupted(f"interrupted by {self._signal_name()} at step {step}; checkpoint saved; {go_on}",
+                                      step, self.run_dir, self._stop_signal)
+                # no periodic checkpoint while steps are being skipped: the last one stays the last good state
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not self._nonfinite_run:
                     self.save()
             if self.step >= cfg.max_steps:
                 self.save()
@@ -472,14 +537,52 @@ class System:
                     while viewer.wait_while_paused(forever=True, stop=lambda: self._interrupt, timeout=0.2):
                         if viewer.pop_export_request():
                             self.export_now()
+        except OSError as exc:
+            error = self._write_error(exc)
+            if error is None:
+                raise
+            raise error from None
+        except KeyboardInterrupt:
+            if not self._interrupt:  # not ours (e.g. a KeyboardInterrupt raised by a test or a debugger)
+                raise
+            # a second signal: whatever was being written was abandoned (atomic writes leave the old file)
+            raise Interrupted(f"aborted by a second {self._signal_name()} at step {self.step}; "
+                              + self._resume_hint(), self.step, self.run_dir, self._stop_signal) from None
         finally:
             bar.close()
-            metrics_file.close()
-            if installed:
-                signal.signal(signal.SIGINT, previous)
+            try:
+                metrics_file.close()
+            except OSError:  # the write error it repeats is being raised already
+                pass
+            if previous is not None:
+                for signum, handler in previous.items():
+                    signal.signal(signum, handler)
             if viewer is not None:
                 viewer.close()
         return self.run_dir
+
+    _stop_signal: int = signal.SIGINT  # the signal that set `_interrupt`
+
+    def _signal_name(self) -> str:
+        return signal.Signals(self._stop_signal).name
+
+    def _resume_hint(self) -> str:
+        """What was kept and how to go on, from the newest checkpoint on disk."""
+        ckpt = checkpoint_dirs(self.run_dir)
+        if not ckpt:
+            return "no checkpoint was written yet: start the run again"
+        step = int(ckpt[-1].name.split("-")[-1])
+        if step >= self.cfg.max_steps:
+            return f"the final checkpoint (step {step}) is intact; write the outputs with: gen3d export {self.run_dir}"
+        return f"the checkpoint at step {step} is intact; resume with: gen3d run {self.run_dir} --resume"
+
+    def _write_error(self, exc: OSError) -> Gen3dError | None:
+        """A full disk or an unwritable run folder met while training (the metrics file): `gen3d.io.write_error`'s
+        message and how to go on; None for other errors."""
+        from gen3d.io import write_error
+
+        error = write_error(exc, exc.filename or self.run_dir / "metrics.jsonl")
+        return None if error is None else Gen3dError(f"{error}; at step {self.step}: {self._resume_hint()}")
 
     def _serve_viewer(self, viewer, step: int, out: dict[str, float]) -> None:
         """Between two steps: scalars to the viewer, a snapshot every refresh_every steps, its pause and export."""
@@ -496,15 +599,21 @@ class System:
                 break
 
     def finish(self) -> None:
-        """Final validation image, turntable video and exports."""
-        self.validate()
+        """Final validation image, turntable video and exports; a stop signal (`fit`) is obeyed between them."""
+        stages = [self.validate]
         if self.cfg.turntable_frames:
-            self.write_turntable()
-        for fmt in self.cfg.exports:
-            if fmt != "video":
-                path = self.export(fmt, self.run_dir / "export" / default_export_name(fmt))
-                self.log.info(f"exported {fmt}: {path}")
+            stages.append(self.write_turntable)
+        stages += [partial(self._export_default, fmt) for fmt in self.cfg.exports if fmt != "video"]
+        for i, stage in enumerate(stages):
+            if i and self._interrupt:
+                raise Interrupted(f"interrupted by {self._signal_name()} while writing the final outputs; "
+                                  + self._resume_hint(), self.step, self.run_dir, self._stop_signal)
+            stage()
         self.log.info(f"done: {self.run_dir}")
+
+    def _export_default(self, fmt: str) -> None:
+        path = self.export(fmt, self.run_dir / "export" / default_export_name(fmt))
+        self.log.info(f"exported {fmt}: {path}")
 
     @torch.no_grad()
     def render_orbit(self, n: int, size: int | None = None) -> RenderOutput:
@@ -537,12 +646,18 @@ class System:
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def save(self) -> Path:
+        """Checkpoint the run (atomically); refuses, leaving the previous checkpoint, when a tensor is NaN/Inf."""
+        model = self.model_tensors()
+        bad = [k for k, v in model.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise Gen3dError(f"the model holds NaN/Inf in {bad[:3]} at step {self.step}: no checkpoint written; "
+                             + self._resume_hint())
         state = {"training": self.training_state(), "generator": self.generator.get_state()}
         guidance_state = self.guidance.state_dict() if getattr(self, "guidance", None) is not None else {}
         if guidance_state:  # VSD's estimator, CDS's fixed noise
             state["guidance"] = guidance_state
         meta = {"system": self.name, "format": "gen3d-checkpoint-1", "max_steps": self.cfg.max_steps}
-        path = save_checkpoint(self.run_dir, self.step, self.model_tensors(), state, meta, keep=self.cfg.keep_checkpoints)
+        path = save_checkpoint(self.run_dir, self.step, model, state, meta, keep=self.cfg.keep_checkpoints)
         self.log.debug(f"checkpoint: {path}")
         return path
 
@@ -559,7 +674,9 @@ class System:
             self.log.warning("no checkpoint in this run yet; starting from step 0")
             return 0
         if ckpt.meta.get("system") != self.name:
-            raise CheckpointError(f"checkpoint '{ckpt.path}' belongs to system '{ckpt.meta.get('system')}', not '{self.name}'")
+            raise CheckpointError(f"checkpoint '{ckpt.path}' belongs to system '{ckpt.meta.get('system')}', not "
+                                  f"'{self.name}'; resume it with its own run's config (without system=...), or "
+                                  "start a new run")
         try:
             self.load_model_tensors(ckpt.model)
             if not model_only:
@@ -571,7 +688,7 @@ class System:
                 self.generator.set_state(ckpt.state["generator"])
                 if "guidance" in ckpt.state:
                     self.guidance.load_state_dict(ckpt.state["guidance"])
-        except (KeyError, RuntimeError, ValueError) as exc:
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             raise CheckpointError(
                 f"checkpoint '{ckpt.path}' does not fit this config ({type(exc).__name__}: {str(exc)[:200]}); "
                 "resume with the run's own config.yaml or start a new run"
@@ -592,21 +709,36 @@ def write_config(run_dir: Path, cfg: Any) -> Path:
     return path
 
 
-def _install_sigint(system: System) -> bool:
-    """First Ctrl-C: finish the step, checkpoint, exit. Second: stop at once."""
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+"""Ctrl-C, and what kill, systemd, docker stop and job schedulers send: both stop a run the same way."""
+
+
+def _install_stop_signals(system: System) -> dict[int, Any] | None:
+    """First SIGINT or SIGTERM: finish the step, checkpoint, exit. A second: stop at once. Returns the previous
+    handlers (None off the main thread, where Python delivers no signals)."""
     from threading import current_thread, main_thread
 
     if current_thread() is not main_thread():
-        return False
+        return None
 
     def handler(signum, frame):
         if system._interrupt:
             raise KeyboardInterrupt
         system._interrupt = True
-        system.log.warning("Ctrl-C: finishing this step and saving a checkpoint (press again to abort now)")
+        system._stop_signal = signum
+        what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        system.log.warning(f"{what}: finishing this step and saving a checkpoint (again to abort now)")
 
-    signal.signal(signal.SIGINT, handler)
-    return True
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handler)
+    return previous
+
+
+def _grads_finite(params) -> bool:
+    """Whether every gradient of `params` is finite (one device sync)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
 class _TqdmHandler(logging.Handler):
@@ -621,11 +753,18 @@ def _run_logger(run_dir: Path, progress: bool) -> logging.Logger:
     for h in list(log.handlers):
         log.removeHandler(h)
         h.close()
-    fh = logging.FileHandler(run_dir / "log.txt")
-    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(fh)
+    try:
+        fh = logging.FileHandler(run_dir / "log.txt")
+    except OSError as exc:  # e.g. `gen3d export --output elsewhere` on a run folder this user cannot write
+        fh, unwritable = None, exc
+    if fh is not None:
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(fh)
     sh = _TqdmHandler()
     sh.setLevel(logging.INFO)
     sh.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(sh)
+    if fh is None:
+        log.warning(f"warning: cannot write {run_dir / 'log.txt'} ({unwritable.strerror or unwritable}); "
+                    f"logging to the console only")
     return log

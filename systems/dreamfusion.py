@@ -77,6 +77,9 @@ class DreamFusionConfig(TextTo3DConfig):
             raise ValueError(f"geometry must be one of {list(GEOMETRIES)}, got {self.geometry!r}")
         if self.render_size < 8:
             raise ValueError(f"render_size must be >= 8 pixels, got {self.render_size}")
+        for name in ("lambda_sds", "lr_background"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         check_schedule(self.albedo_only_until, "albedo_only_until")
 
 
@@ -118,10 +121,7 @@ class DreamFusion(System):
         g = self.guide(out.rgb, cams, step)
         terms = cfg.loss.terms(step, cfg.max_steps, alpha=out.alpha, samples=out.samples) | self.extra_losses(step)
         loss = g.loss + sum(terms.values())
-        self.check_loss(loss, step, "hashgrid.lr_encoding, ...")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.optimize(loss, step, f"{cfg.geometry}.lr_encoding, {cfg.geometry}.lr_network, lr_background")
         logs = {"loss": loss.item(), "sds": g.loss.item(), "grad_norm": g.grad_norm, "t": float(g.t.float().mean()),
                 "alpha": float(out.alpha.detach().mean()), "samples_per_ray": len(out.samples.weights) / out.samples.n_rays}
         if self.renderer.grid is not None:

@@ -92,6 +92,9 @@ class DreamGaussianConfig(TextTo3DConfig):
             )
         if any(s < 8 for s in self.render_sizes):
             raise ValueError(f"render_sizes must be >= 8 pixels, got {self.render_sizes}")
+        for name in ("lambda_sds", "lambda_opaque"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 class DreamGaussian(System):
@@ -171,12 +174,9 @@ class DreamGaussian(System):
         loss = g.loss + sum(extra.values())
         if cfg.lambda_opaque:
             loss = loss + cfg.lambda_opaque * binary_entropy(out.alpha)
-        self.check_loss(loss, step, "gaussians.*_lr")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.strategy.update_stats(out.means2d, out.radii, width=size, height=size, step=step)
-        self.optimizer.step()
-        self.strategy.maybe_densify(self.model, self.optimizer, step, generator=self.generator)
+        if self.optimize(loss, step, "gaussians.*_lr"):  # a skipped (NaN/Inf) step leaves the Gaussians as they are
+            self.strategy.update_stats(out.means2d, out.radii, width=size, height=size, step=step)
+            self.strategy.maybe_densify(self.model, self.optimizer, step, generator=self.generator)
         return {"loss": loss.item(), "grad_norm": g.grad_norm, "t": float(g.t.float().mean()),
                 "n_gaussians": float(self.model.num_gaussians), "size": float(size),
                 **({"nonfinite": float(g.nonfinite)} if g.nonfinite else {}), **g.logs,

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from gen3d.cameras import Cameras, orbit_cameras, sample_orbit
+from gen3d.config import clean_text
 from gen3d.errors import Gen3dError
 from gen3d.guidance import GuidanceConfig
 from gen3d.rendering.gaussian import render_gaussians
@@ -88,6 +89,7 @@ class MotionStage:
     """Adam learning rate of the field's planes (DreamGaussian4D: 6.4e-3)."""
 
     def check_motion(self, max_steps: int) -> None:
+        self.motion = clean_text("motion", self.motion)
         if not 1 <= self.static_steps < max_steps:
             raise ValueError(f"static_steps must be in [1, max_steps) so that a dynamic stage remains, got "
                              f"{self.static_steps} with max_steps={max_steps}")
@@ -217,10 +219,7 @@ class Dynamic4D:
         if cfg.lambda_rigidity:
             losses["rigidity"] = cfg.lambda_rigidity * self.rigidity()
         loss = sum(losses.values())
-        self.check_loss(loss, step, "deformation_lr, grid_lr")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.optimize(loss, step, "deformation_lr, grid_lr")
         return {"loss": loss.item(), "n_gaussians": float(self.model.num_gaussians), "size": float(size),
                 **logs, **{k: float(v.detach()) for k, v in losses.items()}}
 

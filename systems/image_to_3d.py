@@ -115,7 +115,8 @@ class ImageTo3D:
         from gen3d.images import load_reference
 
         cfg = self.cfg
-        ref = load_reference(cfg.image, size=cfg.image_size, fill_ratio=cfg.fill_ratio, recenter=cfg.recenter)
+        ref = load_reference(cfg.image, size=cfg.image_size, fill_ratio=cfg.fill_ratio, recenter=cfg.recenter,
+                             warn=self.log.warning)
         self.ref_rgb = ref.rgb[None].to(self.device)  # [1, S, S, 3] over white
         self.ref_mask = ref.mask[None, ..., None].to(self.device)  # [1, S, S, 1]
         save_image(self.run_dir / "reference.png", ref.rgb)

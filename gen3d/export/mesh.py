@@ -178,16 +178,19 @@ def save_mesh(path: str | os.PathLike, mesh, y_up: bool | None = None) -> Path:
 
 
 def _save_textured_obj(path: Path, mesh) -> Path:
-    """OBJ + MTL + PNG side by side (`<stem>.obj`, `<stem>.mtl`, `<stem>.png`), each written atomically,
-    the OBJ last so that a reader never finds an OBJ whose material is missing."""
+    """OBJ + MTL + PNG side by side (`<stem>.obj`, `<stem>.mtl`, `<stem>.png`), all written to temporary files
+    first and renamed into place only once every one is complete (the OBJ last, so that a reader never finds an OBJ
+    whose material is missing): a failed write (a full disk) leaves the earlier three files as they were."""
+    from contextlib import ExitStack
+
     from trimesh.exchange.obj import export_obj
 
     mesh = mesh.copy()
     mesh.visual.material.name = path.stem  # the texture is <stem>.png: OBJs side by side keep their own
     text, files = export_obj(mesh, include_texture=True, return_texture=True, mtl_name=f"{path.stem}.mtl")
-    for name, data in files.items():
-        with atomic_path(path.parent / name) as tmp:
-            tmp.write_bytes(data)
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+    with ExitStack() as stack:  # exits in reverse order: the OBJ, entered first, is renamed last
+        obj = stack.enter_context(atomic_path(path))
+        for name, data in files.items():
+            stack.enter_context(atomic_path(path.parent / name)).write_bytes(data)
+        obj.write_text(text)
     return path

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ _PLY_TYPES = {
     "float": "f4", "float32": "f4", "double": "f8", "float64": "f8",
 }
 _MAX_HEADER = 1 << 16
+_COUNT = re.compile(r"[0-9]+")
 
 
 def gaussian_ply_properties(sh_degree: int) -> list[str]:
@@ -51,7 +53,7 @@ def save_gaussian_ply(path: str | os.PathLike, model: GaussianModel) -> Path:
     """Write `model` as a standard 3DGS PLY at `path` (atomically) and return the path."""
     with torch.no_grad():
         N = model.num_gaussians
-        f_rest = model.shN.detach().transpose(1, 2).reshape(N, -1)  # [N, 3 (K-1)] channel-major
+        f_rest = model.shN.detach().transpose(1, 2).reshape(N, 3 * model.shN.shape[1])  # [N, 3 (K-1)] channel-major
         columns = torch.cat(
             [
                 model.means.detach(), torch.zeros(N, 3, dtype=model.means.dtype, device=model.means.device),
@@ -74,34 +76,52 @@ def save_gaussian_ply(path: str | os.PathLike, model: GaussianModel) -> Path:
 
 
 def _parse_header(path: Path, data: bytes) -> tuple[int, str, list[tuple[str, int, list[tuple[str, str]]]]]:
-    """(header length, format, [(element, count, [(property, numpy type)])]) or a Gen3dError."""
+    """(header length, format, [(element, count, [(property, numpy type)])]) or a Gen3dError.
+
+    Counts are checked to be non-negative integers and property names to be unique per element; the caller checks
+    counts against the file size before reading any data.
+    """
     if not data.startswith(b"ply"):
         raise Gen3dError(f"{path} is not a PLY file (it does not start with 'ply')")
-    end = data.find(b"end_header", 0, _MAX_HEADER)
-    if end < 0:
-        raise Gen3dError(f"{path}: PLY header has no 'end_header' (truncated or not a PLY file)")
-    newline = data.find(b"\n", end)
-    if newline < 0:
-        raise Gen3dError(f"{path}: PLY file ends right after its header (truncated)")
-    fmt, elements = None, []
-    for raw in data[:end].decode("ascii", errors="replace").splitlines()[1:]:
+    lines, offset = [], 0
+    while True:  # header lines up to and including end_header, each ended by a newline
+        newline = data.find(b"\n", offset, _MAX_HEADER)
+        if newline < 0:
+            if b"end_header" in data[offset:_MAX_HEADER]:
+                raise Gen3dError(f"{path}: PLY file ends right after its header (truncated)")
+            raise Gen3dError(f"{path}: PLY header has no 'end_header' line in its first {_MAX_HEADER} bytes "
+                             "(truncated or not a PLY file)")
+        line = data[offset:newline].decode("ascii", errors="replace").strip()
+        offset = newline + 1
+        if line == "end_header":
+            break
+        lines.append(line)
+    fmt, elements, seen = None, [], set()
+    for raw in lines[1:]:
         words = raw.split()
         if not words or words[0] in ("comment", "obj_info"):
             continue
         if words[0] == "format" and len(words) >= 2:
             fmt = words[1]
         elif words[0] == "element" and len(words) == 3:
+            if not _COUNT.fullmatch(words[2]):
+                raise Gen3dError(f"{path}: PLY element count {words[2]!r} is not a non-negative integer ({raw!r})")
             elements.append((words[1], int(words[2]), []))
+            seen = set()
         elif words[0] == "property" and elements:
-            if words[1] == "list":
-                elements[-1][2].append((words[-1], "list"))
+            if len(words) == 5 and words[1] == "list":
+                prop = (words[4], "list")
             elif len(words) == 3 and words[1] in _PLY_TYPES:
-                elements[-1][2].append((words[2], _PLY_TYPES[words[1]]))
+                prop = (words[2], _PLY_TYPES[words[1]])
             else:
-                raise Gen3dError(f"{path}: unsupported PLY property line {raw.strip()!r}")
+                raise Gen3dError(f"{path}: unsupported PLY property line {raw!r}")
+            if prop[0] in seen:
+                raise Gen3dError(f"{path}: PLY element '{elements[-1][0]}' has property '{prop[0]}' twice")
+            seen.add(prop[0])
+            elements[-1][2].append(prop)
         else:
-            raise Gen3dError(f"{path}: malformed PLY header line {raw.strip()!r}")
-    return newline + 1, fmt or "", elements
+            raise Gen3dError(f"{path}: malformed PLY header line {raw!r}")
+    return offset, fmt or "", elements
 
 
 def load_gaussian_ply(path: str | os.PathLike, cfg: GaussianConfig | None = None) -> GaussianModel:
@@ -114,7 +134,10 @@ def load_gaussian_ply(path: str | os.PathLike, cfg: GaussianConfig | None = None
     path = Path(path)
     if not path.is_file():
         raise Gen3dError(f"Gaussian PLY {path} does not exist")
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise Gen3dError(f"Gaussian PLY {path} cannot be read: {exc.strerror or exc}") from None
     offset, fmt, elements = _parse_header(path, data)
     if fmt not in ("binary_little_endian", "binary_big_endian"):
         raise Gen3dError(f"{path}: PLY format {fmt or '(missing)'} is not supported; 3DGS files are binary_little_endian")
@@ -141,8 +164,8 @@ def load_gaussian_ply(path: str | os.PathLike, cfg: GaussianConfig | None = None
         )
     vertices = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
 
-    rest = sorted((n for n in names if n.startswith("f_rest_")), key=lambda n: int(n.rsplit("_", 1)[1]))
-    if rest != [f"f_rest_{i}" for i in range(len(rest))]:
+    rest = [f"f_rest_{i}" for i in range(sum(n.startswith("f_rest_") for n in names))]
+    if not set(rest) <= set(names):
         raise Gen3dError(f"{path}: f_rest properties are not numbered 0..{len(rest) - 1}")
     K = len(rest) // 3 + 1
     degree = round(math.sqrt(K)) - 1

@@ -172,22 +172,39 @@ def add_flipbook_animation(gltf: dict, binary: bytes, node_names: list[str], fps
     return bytes(buffer)
 
 
-def read_glb(data: bytes) -> tuple[dict, bytes]:
-    """Split a GLB (glTF 2.0 Sec. 4) into its JSON (a dict) and its binary chunk (b"" when there is none)."""
+def read_glb(data: bytes, source: str = "GLB") -> tuple[dict, bytes]:
+    """Split a GLB (glTF 2.0 Sec. 4) into its JSON (a dict) and its binary chunk (b"" when there is none).
+
+    source: what to call the data in errors (a file name). Raises `Gen3dError` naming `source` for data that is not
+    a well-formed GLB: a bad header or total length, a chunk running past the end, no JSON chunk, or a JSON chunk
+    that is not UTF-8 JSON of an object.
+    """
     if len(data) < 20:
-        raise ValueError(f"read_glb: {len(data)} bytes is too short for a GLB")
+        raise Gen3dError(f"{source}: {len(data)} bytes is too short for a GLB file (a glTF binary needs at least 20)")
     magic, version, length = struct.unpack_from("<III", data, 0)
-    if magic != _GLB_MAGIC or version != _GLB_VERSION or length != len(data):
-        raise ValueError(f"read_glb: not a glTF 2.0 binary (magic {magic:#x}, version {version}, length {length} "
-                         f"for {len(data)} bytes)")
+    if magic != _GLB_MAGIC or version != _GLB_VERSION:
+        raise Gen3dError(f"{source} is not a glTF 2.0 binary (GLB): it starts with {bytes(data[:4])!r} version "
+                         f"{version}, expected b'glTF' version 2")
+    if length != len(data):
+        raise Gen3dError(f"{source}: GLB header says {length} bytes, the data has {len(data)} (truncated or damaged)")
     chunks, offset = {}, 12
     while offset < length:
+        if offset + 8 > length:
+            raise Gen3dError(f"{source}: GLB chunk header at byte {offset} runs past the end ({length} bytes)")
         size, kind = struct.unpack_from("<II", data, offset)
-        chunks.setdefault(kind, data[offset + 8:offset + 8 + size])
+        if offset + 8 + size > length:
+            raise Gen3dError(f"{source}: GLB chunk at byte {offset} claims {size} bytes, past the end ({length} bytes)")
+        chunks.setdefault(kind, bytes(data[offset + 8:offset + 8 + size]))
         offset += 8 + size
     if _CHUNK_JSON not in chunks:
-        raise ValueError("read_glb: the GLB has no JSON chunk")
-    return json.loads(chunks[_CHUNK_JSON].decode("utf-8")), chunks.get(_CHUNK_BIN, b"")
+        raise Gen3dError(f"{source}: the GLB has no JSON chunk")
+    try:
+        gltf = json.loads(chunks[_CHUNK_JSON].decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise Gen3dError(f"{source}: the GLB's JSON chunk is not valid UTF-8 JSON ({str(exc)[:100]})") from None
+    if not isinstance(gltf, dict):
+        raise Gen3dError(f"{source}: the GLB's JSON chunk holds a {type(gltf).__name__}, not a glTF object")
+    return gltf, chunks.get(_CHUNK_BIN, b"")
 
 
 def write_glb(gltf: dict, binary: bytes) -> bytes:

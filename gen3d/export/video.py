@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gen3d.errors import Gen3dError
 from gen3d.io import atomic_path
 
 
@@ -59,6 +60,8 @@ def write_video(path: str | os.PathLike, frames, fps: float = 24) -> Path:
             try:
                 _write_mp4(path, video, fps)
                 return path
+            except Gen3dError:  # the file could not be written (disk full, not writable): a gif would fail too
+                raise
             except Exception as exc:  # noqa: BLE001 - fall back to gif on any encoder failure
                 reason = f"ffmpeg failed ({exc})"
         else:
@@ -70,22 +73,30 @@ def write_video(path: str | os.PathLike, frames, fps: float = 24) -> Path:
 
 
 def _write_mp4(path: Path, video: np.ndarray, fps: float) -> None:
-    import imageio_ffmpeg
+    """H.264 through the ffmpeg binary, whose exit status is checked (imageio-ffmpeg's writer ignores it, so a
+    disk that fills up would leave a truncated mp4 under the final name): a failed write of the file raises the
+    OSError it met, which `atomic_path` reports; any other failure a RuntimeError (`write_video` falls back to gif)."""
+    import errno
+    import signal
+    import subprocess
+    from fractions import Fraction
 
     H, W = video.shape[1:3]
     video = np.pad(video, ((0, 0), (0, H % 2), (0, W % 2), (0, 0)), mode="edge")
     with atomic_path(path) as tmp:
-        writer = imageio_ffmpeg.write_frames(
-            str(tmp), (video.shape[2], video.shape[1]), fps=fps, codec="libx264", pix_fmt_in="rgb24",
-            pix_fmt_out="yuv420p", macro_block_size=1, quality=None, ffmpeg_log_level="error",
-            output_params=["-crf", "18", "-movflags", "+faststart"],
-        )
-        writer.send(None)  # start the ffmpeg process
-        try:
-            for frame in video:
-                writer.send(np.ascontiguousarray(frame))
-        finally:
-            writer.close()
+        cmd = [_ffmpeg_exe(), "-y", "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
+               "-s", f"{video.shape[2]}x{video.shape[1]}", "-r", str(Fraction(fps).limit_denominator()), "-i", "-",
+               "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "18", "-movflags", "+faststart", str(tmp)]
+        proc = subprocess.run(cmd, input=np.ascontiguousarray(video).tobytes(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+        if proc.returncode == -signal.SIGXFSZ:  # over the file size limit (subprocess restores the default action)
+            raise OSError(errno.EFBIG, os.strerror(errno.EFBIG), str(tmp))
+        if proc.returncode != 0:
+            message = proc.stderr.decode(errors="replace")
+            for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES):
+                if os.strerror(code) in message:  # ffmpeg names the OS error of a failed write
+                    raise OSError(code, os.strerror(code), str(tmp))
+            raise RuntimeError(f"ffmpeg exited with status {proc.returncode}: {message.strip()[-300:]}")
 
 
 def _write_gif(path: Path, video: np.ndarray, fps: float) -> None:

@@ -59,6 +59,8 @@ class VSDConfig:
             raise ValueError(f"guidance.vsd.camera_dropout must be in [0, 1], got {self.camera_dropout!r}")
         if not self.lora_loss_weight >= 0:
             raise ValueError(f"guidance.vsd.lora_loss_weight must be >= 0, got {self.lora_loss_weight!r}")
+        if not self.lora_guidance_scale >= 0:
+            raise ValueError(f"guidance.vsd.lora_guidance_scale must be >= 0, got {self.lora_guidance_scale!r}")
         if not 0.0 < self.lora_t_max <= 1.0:
             raise ValueError(f"guidance.vsd.lora_t_max must be in (0, 1], got {self.lora_t_max!r}")
 

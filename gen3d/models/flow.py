@@ -131,6 +131,8 @@ class MDTConfig:
     def __post_init__(self) -> None:
         if not 0 < self.delta < 0.5:
             raise ValueError(f"MDTConfig.delta must be in (0, 0.5), got {self.delta}")
+        if not 0 <= self.sigma_min < 0.5:
+            raise ValueError(f"MDTConfig.sigma_min must be in [0, 0.5), got {self.sigma_min}")
         if self.d_norm is not None and not self.d_norm > 0:
             raise ValueError(f"MDTConfig.d_norm must be > 0 or None, got {self.d_norm}")
         for name in ("guidance_vm", "guidance_vd", "lambda_vm", "lambda_vd"):

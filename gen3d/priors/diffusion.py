@@ -25,6 +25,7 @@ default s = 100 is used as is).
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ EMBEDDED_HINT = "the embedded Shapes-world prior (prior=gen3d/shapes-t2i, offlin
 REQUIRED_COMPONENTS = ("unet", "scheduler", "text_encoder", "tokenizer")
 OPTIONAL_COMPONENTS = ("vae",)
 LIBRARIES = ("diffusers", "transformers")
+_log = logging.getLogger(__name__)
 MAX_TEXT_LENGTH = 77  # CLIP's context; DeepFloyd IF's pipeline also tokenizes T5 prompts to 77
 
 # What a hub snapshot must hold: configs, tokenizer files and safetensors weights of our components,
@@ -433,6 +435,10 @@ class DiffusionPrior:
             tokens = self.tokenizer(
                 missing, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
             )
+            for prompt, used in zip(missing, tokens.attention_mask.sum(1).tolist()):
+                if used >= max_length and len(self.tokenizer(prompt, truncation=True, max_length=max_length + 1).input_ids) > max_length:
+                    _log.warning(f"warning: the prompt {prompt[:60]!r}{'...' if len(prompt) > 60 else ''} is longer "
+                                 f"than the {max_length} tokens {self.model_name} reads; the rest is ignored")
             config = self.text_encoder.config
             use_mask = getattr(config, "use_attention_mask", False) or getattr(config, "model_type", "") == "t5"
             mask = tokens.attention_mask.to(self.device) if use_mask else None

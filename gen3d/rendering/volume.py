@@ -227,6 +227,9 @@ class VolumeRendererConfig:
             raise ValueError(f"renderer.normals must be 'analytic', 'finite_difference' or 'none', got {self.normals!r}")
         if self.chunk_rays < 1:
             raise ValueError(f"renderer.chunk_rays must be >= 1, got {self.chunk_rays!r}")
+        if not self.grid_threshold >= 0 or not self.normals_eps > 0:
+            raise ValueError(f"renderer: need grid_threshold >= 0 and normals_eps > 0, got {self.grid_threshold!r} and "
+                             f"{self.normals_eps!r}")
         if self.material.kind == "diffuse" and self.normals == "none":
             raise ValueError("renderer: material.kind='diffuse' needs normals, got renderer.normals='none'")
 

@@ -93,6 +93,23 @@ class TrainConfig:
     spin-wait against other work (two multi-threaded torch processes on 2 cores slow each other
     several-fold)."""
 
+    def __post_init__(self) -> None:
+        for name, low in (("seed", 0), ("steps", 1), ("batch_size", 1), ("warmup", 0), ("size", 8),
+                          ("supersample", 1), ("max_objects", 0), ("sample_every", 0), ("checkpoint_every", 1),
+                          ("threads", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not (self.weight_decay >= 0 and self.min_snr_gamma >= 0):
+            raise ValueError(f"weight_decay and min_snr_gamma must be >= 0, got {self.weight_decay} and "
+                             f"{self.min_snr_gamma}")
+        if not 0 <= self.ema_decay < 1 or not 0 <= self.cond_dropout <= 1:
+            raise ValueError(f"ema_decay must be in [0, 1) and cond_dropout in [0, 1], got {self.ema_decay} and "
+                             f"{self.cond_dropout}")
+        if not self.block_out_channels or min(self.block_out_channels) < 8:
+            raise ValueError(f"block_out_channels must be widths >= 8, got {self.block_out_channels}")
+
 
 @dataclass
 class PriorTrainConfig(TrainConfig):
@@ -110,6 +127,14 @@ class PriorTrainConfig(TrainConfig):
     """Text encoder transformer layers."""
     max_length: int = 16
     """Tokens per caption (captions are at most ~8 words)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("text_dim", "text_layers", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.view_dependent_fraction <= 1:
+            raise ValueError(f"view_dependent_fraction must be in [0, 1], got {self.view_dependent_fraction}")
 
 
 def _unet(cfg: PriorTrainConfig, in_channels: int = 3, cross_attention_dim: int | None = None):
@@ -250,7 +275,9 @@ class DiffusionTrainer:
         cfg = self.cfg
         if self.data is None:
             self.build_data()
-        previous = signal.signal(signal.SIGINT, lambda *a: setattr(self, "_stop", True))
+        # Ctrl-C and SIGTERM (kill, systemd, docker stop, job schedulers) alike: checkpoint at the step's end and stop
+        stop = lambda *a: setattr(self, "_stop", True)  # noqa: E731
+        previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, desc=self.verb, file=sys.stderr)
         log = (self.work / "metrics.jsonl").open("a")
         avg = None
@@ -268,13 +295,14 @@ class DiffusionTrainer:
                 if self._stop or self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
                 if self._stop:
-                    print(f"\ninterrupted at step {self.step}; resume with: gen3d world {self.verb} --resume "
-                          f"work_dir={cfg.work_dir}", file=sys.stderr)
+                    print(f"\ninterrupted at step {self.step}; checkpoint saved; resume with: gen3d world "
+                          f"{self.verb} --resume work_dir={cfg.work_dir}", file=sys.stderr)
                     raise KeyboardInterrupt
         finally:
             bar.close()
             log.close()
-            signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         self.save_checkpoint()
         if cfg.sample_every:
             self.write_samples()

@@ -106,6 +106,16 @@ class VideoPriorTrainConfig(PriorTrainConfig):
     views_per_object: int = 0
     """Unused (clips_per_pair sets the data)."""
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.frames < 2 or self.clips_per_pair < 1:
+            raise ValueError(f"frames must be >= 2 and clips_per_pair >= 1, got {self.frames} and {self.clips_per_pair}")
+        for name in ("temporal_lr_scale", "noise_correlation", "high_noise_weight_cap", "input_lr_scale"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.rest_dropout <= 1:
+            raise ValueError(f"rest_dropout must be in [0, 1], got {self.rest_dropout}")
+
 
 class VideoPriorTrainer(PriorTrainer):
     verb = "train-video-prior"

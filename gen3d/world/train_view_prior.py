@@ -128,6 +128,13 @@ class ViewPriorTrainConfig(TrainConfig):
     def __post_init__(self) -> None:
         from gen3d.priors.view_conditioning import TOKEN_LAYOUTS
 
+        super().__post_init__()
+        for name in ("embed_dim", "image_layers", "patch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.sample_guidance >= 0:
+            raise ValueError(f"sample_guidance must be >= 0, got {self.sample_guidance}")
+
         if self.tokens not in TOKEN_LAYOUTS:
             raise ValueError(f"tokens must be one of {TOKEN_LAYOUTS}, got {self.tokens!r}")
         if self.size % self.patch_size:

@@ -271,7 +271,9 @@ class Trainer:
         cfg = self.cfg
         self.ensure_data()
         main = self.rank == 0
-        previous = signal.signal(signal.SIGINT, lambda *a: setattr(self, "_stop", True))
+        # Ctrl-C and SIGTERM (kill, systemd, docker stop, job schedulers) alike: checkpoint at the step's end and stop
+        stop = lambda *a: setattr(self, "_stop", True)  # noqa: E731
+        previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and main), desc=self.verb,
                    file=sys.stderr)
         log = (self.work / "metrics.jsonl").open("a") if main else None
@@ -295,14 +297,15 @@ class Trainer:
                     self.save_checkpoint()
                 if self._stop:
                     if main:
-                        print(f"\ninterrupted at step {self.step}; resume with: gen3d world {self.verb} --resume "
-                              f"work_dir={cfg.work_dir}", file=sys.stderr)
+                        print(f"\ninterrupted at step {self.step}; checkpoint saved; resume with: gen3d world "
+                              f"{self.verb} --resume work_dir={cfg.work_dir}", file=sys.stderr)
                     raise KeyboardInterrupt
         finally:
             bar.close()
             if log is not None:
                 log.close()
-            signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         self.save_checkpoint()
         self.on_end()
         out = self.export() if main else Path(cfg.output)

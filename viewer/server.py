@@ -9,6 +9,11 @@ while the camera moves, and with sleeps that keep its share of the CPU near `ren
 The only controls that reach the training thread are flags it polls between steps: pause and
 "export now"; a disconnecting client costs nothing.
 
+Clients. Anything that can open the websocket can send viser messages, not only the page this server serves, so
+the viewer checks what reaches it (`_guard_client_messages`): values are checked per control before they are stored,
+the read-only readouts take nothing, uploads and share requests are refused, and a client's camera is checked for
+finite numbers and clamped before a server render (`client_camera`).
+
 Time. A snapshot with a `Timeline` (a 4D result) adds a "Time" slider and a Play / Pause button in an
 "Animation" folder; a snapshot without one removes them, so static results look exactly as before. The
 slider snaps to the timeline's frames: moving it replaces the splat node with the nearest frame's splats
@@ -37,6 +42,10 @@ if TYPE_CHECKING:
     from gen3d.cameras import Cameras
 
 MODES = ("rgb", "depth", "alpha", "normal")
+RESOLUTIONS = (64, 1024)
+"""The Resolution slider's range; a client's value outside it (or not a number) is clamped back into it."""
+ASPECTS = (0.2, 5.0)
+"""Width / height of server renders is kept in this range whatever a client's camera claims (bounds the image size)."""
 
 
 def free_port(host: str, port: int, tries: int = 20) -> int:
@@ -59,6 +68,35 @@ def matrix_quaternion(R: np.ndarray) -> np.ndarray:
     z = math.sqrt(max(0.0, 1.0 - R[0, 0] - R[1, 1] + R[2, 2])) / 2
     x, y, z = math.copysign(x, R[2, 1] - R[1, 2]), math.copysign(y, R[0, 2] - R[2, 0]), math.copysign(z, R[1, 0] - R[0, 1])
     return np.array([w, x, y, z])
+
+
+def finite_number(value, default: float, lo: float, hi: float) -> float:
+    """`value` clamped to [lo, hi] when it is a finite real number (not a bool), else `default`: every number a client
+    sends (control values, its camera) goes through this before the viewer uses it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return default
+    return min(max(float(value), lo), hi)
+
+
+def clamped(lo: float, hi: float, integer: bool = False) -> Callable[[object], float | None]:
+    """The check of a client's value for a slider over [lo, hi]: a finite number, clamped into it; else None."""
+    def check(value) -> float | None:
+        v = finite_number(value, math.nan, lo, hi)
+        return None if math.isnan(v) else int(round(v)) if integer else v
+    return check
+
+
+def client_camera(cam, height: int) -> "Cameras | None":
+    """The gen3d camera of a viser client camera, or None when the client sent non-finite numbers; its field of view
+    and aspect are clamped so that no client can ask for a degenerate or huge render."""
+    wxyz, position = np.asarray(cam.wxyz, dtype=np.float64), np.asarray(cam.position, dtype=np.float64)
+    if wxyz.shape != (4,) or position.shape != (3,) or not (np.isfinite(wxyz).all() and np.isfinite(position).all()):
+        return None
+    if np.linalg.norm(wxyz) < 1e-6 or np.abs(position).max() > 1e6:
+        return None
+    fov = finite_number(cam.fov, math.radians(50), math.radians(1), math.radians(170))
+    aspect = finite_number(cam.aspect, 1.0, *ASPECTS)
+    return viser_camera(wxyz / np.linalg.norm(wxyz), position, fov, aspect, height)
 
 
 def viser_camera(wxyz, position, fov: float, aspect: float, height: int) -> "Cameras":
@@ -115,11 +153,14 @@ class Viewer:
             self.server = viser.ViserServer(host=host, port=self.port, label=title, verbose=False)
         # no "share" button: it would tunnel this server to the internet at a click in any browser
         self.server.gui.configure_theme(show_share_button=False, control_width="medium")
+        self._guard_client_messages()
         self.server.scene.set_up_direction("+z")  # gen3d's world: +z up, the front faces +x
         self.server.initial_camera.position = (2.2, 0.9, 0.9)
         self.server.initial_camera.look_at = (0.0, 0.0, 0.0)
-        self.url = f"http://{'localhost' if host in ('127.0.0.1', '0.0.0.0') else host}:{self.port}"
+        shown = "localhost" if host in ("127.0.0.1", "0.0.0.0") else f"[{host}]" if ":" in host else host
+        self.url = f"http://{shown}:{self.port}"
         self.render_share = render_share
+        self._default_resolution = resolution
         self.training = False  # set by the training loop while it runs: server renders then take half the resolution
         self._snapshot: Snapshot | None = None
         self._snapshot_id = 0
@@ -147,19 +188,90 @@ class Viewer:
         self.step_text = gui.add_text("Step", "0" + (f" / {max_steps}" if max_steps else ""), disabled=True)
         self.rate_text = gui.add_text("it/s", "-", disabled=True)
         self.loss_text = gui.add_text("Loss", "-", disabled=True)
+        for handle in (self.step_text, self.rate_text, self.loss_text):  # read-only readouts
+            self._accepts[handle._impl.uuid] = lambda value: None
         self.pause_button = gui.add_button("Pause")
         self.pause_button.on_click(lambda _: self.toggle_pause())
         self.mode = gui.add_dropdown("Render mode", MODES, initial_value="rgb")
-        self.mode.on_update(lambda _: self._show_splats(self.mode.value == "rgb"))
-        self.resolution = gui.add_slider("Resolution", 64, 1024, 32, resolution)
+        self.mode.on_update(lambda _: self._show_splats(self.render_mode == "rgb"))
+        self.resolution = gui.add_slider("Resolution", *RESOLUTIONS, 32, resolution)
         self.show_cameras = gui.add_checkbox("Training cameras", True)
-        self.show_cameras.on_update(lambda _: self._set_frustums_visible(self.show_cameras.value))
+        self.show_cameras.on_update(lambda _: self._set_frustums_visible(self.cameras_shown))
+        self._accepts[self.mode._impl.uuid] = lambda value: value if isinstance(value, str) and value in MODES else None
+        self._accepts[self.resolution._impl.uuid] = clamped(*RESOLUTIONS, integer=True)
+        self._accepts[self.show_cameras._impl.uuid] = lambda value: value if isinstance(value, bool) else None
         if exports:
             self.export_button = gui.add_button("Export now")
             self.export_button.on_click(lambda _: self._export.set())
         self.plot = None
         self.max_steps = max_steps
         self._frustums: list = []
+
+    # ---- what clients may send ----------------------------------------------------------------------
+    # viser applies a client's GUI message to the control as it comes (any type, any number, a file upload to any
+    # input), so the viewer reads every control through one of these properties, which fall back to a sane value.
+    @property
+    def render_mode(self) -> str:
+        """The Render mode control's value when it is one of `MODES`, else "rgb"."""
+        value = self.mode.value
+        return value if isinstance(value, str) and value in MODES else "rgb"
+
+    @property
+    def render_height(self) -> int:
+        """The Resolution control's value, a whole number of pixels in `RESOLUTIONS` (else the nearest in range)."""
+        return int(finite_number(self.resolution.value, self._default_resolution, *RESOLUTIONS))
+
+    @property
+    def cameras_shown(self) -> bool:
+        value = self.show_cameras.value
+        return value if isinstance(value, bool) else True
+
+    def _slider_time(self) -> float:
+        """The Time slider's value in [0, 1] (0 for anything that is not a finite number)."""
+        return finite_number(self.time_slider.value, 0.0, 0.0, 1.0) if self.time_slider is not None else 0.0
+
+    def _guard_client_messages(self) -> None:
+        """Refuse what a browser (or any program speaking viser's protocol) could otherwise make this server do.
+
+        viser hides the share button but still honours a client's share request, which would tunnel this server to
+        share.viser.studio for anyone on the internet: refused. viser applies every property in a client's GUI
+        update to the control (it would let a client replace a button's callbacks, or edit the read-only readouts),
+        and any value: only `value` updates pass, and a control listed in `self._accepts` takes the value its check
+        returns (a mode among MODES, a number clamped into the slider's range) or, for None, none. The check runs
+        in the order the messages came, before viser stores the value, so every browser sees what the viewer
+        uses. And viser accepts a file upload aimed at any control (its content then becomes the control's value);
+        the viewer has no upload button, so uploads are dropped. No control takes a file name or a path: "Export now"
+        only raises a flag, and the training loop writes the run's exports into its own `export/` folder.
+        """
+        from viser import _messages
+
+        self.server.request_share_url = self._refuse_share
+        ws = self.server._websock_server
+        handle_updates = self.server.gui._handle_gui_updates
+        ws.unregister_handler(_messages.GuiUpdateMessage, handle_updates)
+        self._accepts: dict[str, Callable[[object], object]] = {}  # control uuid -> its check of a client's value
+
+        async def value_updates_only(client_id, message) -> None:
+            if set(message.updates) != {"value"}:
+                return
+            check = self._accepts.get(message.uuid)
+            if check is not None:
+                value = check(message.updates["value"])
+                if value is None:
+                    return
+                message.updates["value"] = value
+            try:
+                await handle_updates(client_id, message)
+            except (TypeError, ValueError, OverflowError):  # viser could not cast it to the control's type: dropped
+                pass
+
+        ws.register_handler(_messages.GuiUpdateMessage, value_updates_only)
+        for upload in (_messages.FileTransferStartUpload, _messages.FileTransferPart):
+            ws.unregister_handler(upload)
+
+    def _refuse_share(self, *args, **kwargs) -> None:
+        self.log("viewer: a client asked for a public share URL; refused (the viewer stays on this machine's network)")
+        return None
 
     def toggle_pause(self) -> None:
         if self._paused.is_set():
@@ -243,7 +355,7 @@ class Viewer:
         """Replace the splat node by `s` (a `Splats`), visible in rgb mode only."""
         self.splats = self.server.scene.add_gaussian_splats(
             "/result/splats", centers=s.centers, covariances=s.covariances, rgbs=s.rgbs, opacities=s.opacities,
-            visible=self.mode.value == "rgb")
+            visible=self.render_mode == "rgb")
 
     # ---- time (snapshots with a timeline) ----------------------------------------------------------
     @property
@@ -252,7 +364,7 @@ class Viewer:
         snap = self._snapshot
         if snap is None or snap.timeline is None or self.time_slider is None:
             return None
-        return snap.timeline.times[snap.timeline.index_at(self.time_slider.value)]
+        return snap.timeline.times[snap.timeline.index_at(self._slider_time())]
 
     def _ensure_time_controls(self, timeline) -> None:
         """Add the Animation folder (Time slider, Play button) for `timeline`, or keep the current one, and its time,
@@ -261,7 +373,7 @@ class Viewer:
         step = 1.0 / (F - 1) if F > 1 else 1.0
         if self.time_slider is not None and abs(self.time_slider.step - step) < 1e-9:
             return
-        t = 0.0 if self.time_slider is None else float(self.time_slider.value)
+        t = self._slider_time()
         if self.time_slider is not None:
             self._remove_time_controls()
         gui = self.server.gui
@@ -269,11 +381,13 @@ class Viewer:
             self.time_slider = gui.add_slider("Time", 0.0, 1.0, step, min(max(t, 0.0), 1.0),
                                               hint="time of the 4D result; the view shows the nearest frame")
             self.play_button = gui.add_button("Play", icon="player-play")
+        self._accepts[self.time_slider._impl.uuid] = clamped(0.0, 1.0)
         self.time_slider.on_update(lambda _: self._show_frame())
         self.play_button.on_click(lambda _: self.toggle_play())
 
     def _remove_time_controls(self) -> None:
         self._playing.clear()
+        self._accepts.pop(self.time_slider._impl.uuid, None)
         self.time_folder.remove()
         self.time_folder = self.time_slider = self.play_button = None
         self._frame_shown = None
@@ -284,7 +398,7 @@ class Viewer:
             snap, snap_id, slider = self._snapshot, self._snapshot_id, self.time_slider
             if snap is None or snap.timeline is None or slider is None:
                 return
-            index = snap.timeline.index_at(slider.value)
+            index = snap.timeline.index_at(self._slider_time())
             if self._frame_shown != (snap_id, index):
                 self._set_splats(snap.timeline.splats[index])
                 self._frame_shown = (snap_id, index)
@@ -324,7 +438,7 @@ class Viewer:
             slider = self.time_slider
             if self._playing.is_set() and slider is not None and self._snapshot is snap:  # nothing changed meanwhile
                 timeline = snap.timeline
-                self.set_time(timeline.times[(timeline.index_at(slider.value) + 1) % len(timeline)])
+                self.set_time(timeline.times[(timeline.index_at(self._slider_time()) + 1) % len(timeline)])
 
     def show_video(self, frames: np.ndarray, fps: float = 24.0, label: str = "Turntable") -> None:
         """Play frames ``[T, H, W, 3]`` uint8 in a loop in the GUI panel (a finished run's turntable)."""
@@ -362,7 +476,7 @@ class Viewer:
             self._frustums.append(self.server.scene.add_camera_frustum(
                 f"/training_cameras/{i}", fov=fovy, aspect=cameras.width / cameras.height, scale=0.15,
                 wxyz=matrix_quaternion(c2w[:3, :3]), position=c2w[:3, 3], color=(255, 140, 0),
-                visible=self.show_cameras.value))
+                visible=self.cameras_shown))
 
     # ---- the viewer thread -------------------------------------------------------------------------
     def _render_loop(self) -> None:
@@ -385,14 +499,14 @@ class Viewer:
         snap = self._snapshot
         if snap is None:
             return False
-        mode = self.mode.value
+        mode = self.render_mode
         native = snap.splats is not None and mode == "rgb"
         render = snap.render
         t = None
         if snap.timeline is not None:  # render the time of the frame on show (t None: static, the key as before)
             slider = self.time_slider
             render = snap.timeline.render
-            t = snap.timeline.times[snap.timeline.index_at(slider.value) if slider is not None else 0]
+            t = snap.timeline.times[snap.timeline.index_at(self._slider_time()) if slider is not None else 0]
         rendered = False
         for client_id, client in list(self.server.get_clients().items()):
             if native or render is None:
@@ -403,18 +517,21 @@ class Viewer:
             cam = client.camera
             moving = time.time() - cam.update_timestamp < 0.3
             # a quarter while the camera moves; half while training runs (a paused or finished run gets it all)
-            height = max(16, int(self.resolution.value) // (4 if moving else 2 if self.training and not self.paused else 1))
-            key = (tuple(np.round(cam.wxyz, 5)), tuple(np.round(cam.position, 5)), round(cam.fov, 5),
-                   round(cam.aspect, 4), height, mode, self._snapshot_id) + (() if t is None else (t,))
+            height = max(16, self.render_height // (4 if moving else 2 if self.training and not self.paused else 1))
+            key = (repr(cam.wxyz), repr(cam.position), repr(cam.fov), repr(cam.aspect), height, mode,
+                   self._snapshot_id) + (() if t is None else (t,))
             if self._last.get(client_id) == key:
                 continue
-            cameras = viser_camera(cam.wxyz, cam.position, cam.fov, cam.aspect, height)
+            # recorded before rendering: a camera whose render fails is tried (and logged) once, not every 30 ms
+            self._last[client_id] = key
+            cameras = client_camera(cam, height)
+            if cameras is None:  # NaN or infinite numbers in the client's camera: nothing to render
+                continue
             with torch.no_grad():
                 out = snap.render(cameras) if t is None else snap.timeline.render(cameras, t)
             if client_id not in self.server.get_clients():  # it left while this frame was rendering
                 continue
             client.scene.set_background_image(mode_image(out, mode), format="jpeg", jpeg_quality=85)
-            self._last[client_id] = key
             rendered = True
         for gone in set(self._last) - set(self.server.get_clients()):
             del self._last[gone]

@@ -41,7 +41,8 @@ def snapshot_of(target: str, output_dir: str = "outputs") -> tuple[Snapshot, str
 
 
 def _is_gaussian_ply(path: Path) -> bool:
-    head = path.open("rb").read(4096)
+    with path.open("rb") as f:
+        head = f.read(4096)
     return head.startswith(b"ply") and b"property float f_dc_0" in head and b"property float opacity" in head
 
 

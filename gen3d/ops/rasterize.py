@@ -102,6 +102,7 @@ def rasterize_gaussians(
         means, quats, scales, opacities, colors, viewmats, Ks, width, height, backgrounds,
         near_plane, far_plane, eps2d, tile_size, backend,
     )
+    means, quats, scales, opacities = _cull_nonfinite(means, quats, scales, opacities)
     backend = _choose_backend(backend, means)
     tile_size = TILE_SIZES.get(backend, 16) if tile_size is None else tile_size
     if backend == "gsplat":
@@ -138,6 +139,20 @@ def rasterize_gaussians(
     # acc_z is exactly 0 where alpha is 0, so the clamp only guards the division.
     depths = acc[..., -1:] / alphas.clamp_min(1e-10)
     return RasterOutput(out_colors, alphas, depths, means2d, proj.radii)
+
+
+def _cull_nonfinite(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor):
+    """Gaussians with a NaN/Inf mean, rotation, scale or opacity become invisible (opacity 0 at the origin, unit
+    rotation and scale; no gradient reaches them): the binning would otherwise turn NaN screen extents into tile
+    indices (a crash in the compiled backward). One check, and copies only when something is not finite."""
+    ok = (torch.isfinite(means).all(-1) & torch.isfinite(quats).all(-1) & torch.isfinite(scales).all(-1)
+          & torch.isfinite(opacities))
+    if bool(ok.all()):
+        return means, quats, scales, opacities
+    keep = ok[:, None]
+    unit = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=quats.dtype, device=quats.device)
+    return (torch.where(keep, means, torch.zeros_like(means)), torch.where(keep, quats, unit),
+            torch.where(keep, scales, torch.ones_like(scales)), torch.where(ok, opacities, torch.zeros_like(opacities)))
 
 
 def _check_inputs(means, quats, scales, opacities, colors, viewmats, Ks, width, height, backgrounds,

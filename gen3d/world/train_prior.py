@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from gen3d.cameras import OrbitConfig
 from gen3d.priors.tokenizer import write_clip_tokenizer
+from gen3d.world.trainer import skip_nonfinite
 
 VIEW_WORDS = ["front", "side", "back", "overhead", "view", ","]
 TRAIN_ORBIT = OrbitConfig(elevation_range=(-10.0, 45.0), distance_range=(2.0, 2.5), fovy_range=(40.0, 50.0))
@@ -226,7 +227,11 @@ class DiffusionTrainer:
             group["lr"] = self.lr_at(self.step) * group.get("lr_scale", 1.0)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for grp in self.optimizer.param_groups for p in grp["params"]], 1.0)
+        params = [p for grp in self.optimizer.param_groups for p in grp["params"]]
+        if skip_nonfinite(self, loss, params):  # no update, no EMA
+            self.step += 1
+            return loss.item()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         self.optimizer.step()
         # EMA with the usual warm-up, so early averages are not dominated by the random initialization
         decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))

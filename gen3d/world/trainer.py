@@ -208,6 +208,9 @@ class Trainer:
             group["lr"] = self.lr_at(self.step)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # DDP averages the gradients over the ranks here
+        if skip_nonfinite(self, loss, list(self.model.parameters())):  # the same on every rank: the same gradients
+            self.step += 1
+            return loss.item()
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
@@ -319,6 +322,37 @@ class Trainer:
 
 
 # ---- several processes ---------------------------------------------------------------------------------
+MAX_NONFINITE_STEPS = 10
+"""Skipped steps in a row after which a world trainer stops (`skip_nonfinite`)."""
+
+
+def skip_nonfinite(trainer, loss: torch.Tensor, params: list[torch.Tensor]) -> bool:
+    """Whether this step must be skipped because its loss or a gradient is NaN/Inf (after backward): the world
+    trainers' counterpart of `gen3d.systems.base.System.optimize`. Skipped steps make no update (nor EMA), are counted
+    (``trainer.nonfinite_steps``) and reported; more than `MAX_NONFINITE_STEPS` in a row stop the training with advice,
+    the last checkpoint intact."""
+    grads = [p.grad for p in params if p.grad is not None]
+    finite = bool(torch.isfinite(loss.detach()).all()) and (
+        not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()))
+    if finite:
+        trainer._nonfinite_run = 0
+        return False
+    trainer._nonfinite_run = getattr(trainer, "_nonfinite_run", 0) + 1
+    trainer.nonfinite_steps = getattr(trainer, "nonfinite_steps", 0) + 1
+    for p in params:
+        p.grad = None
+    what = "the loss" if not bool(torch.isfinite(loss.detach()).all()) else "a gradient"
+    if trainer._nonfinite_run > MAX_NONFINITE_STEPS:
+        from gen3d.errors import Gen3dError
+
+        raise Gen3dError(f"{what} was NaN/Inf for {trainer._nonfinite_run} steps in a row (step {trainer.step + 1}); "
+                         f"the last checkpoint in {trainer.cfg.work_dir} is intact: lower lr and resume with "
+                         f"gen3d world {trainer.verb} --resume work_dir={trainer.cfg.work_dir} lr=...")
+    tqdm.write(f"warning: step {trainer.step + 1} skipped: {what} is not finite "
+               f"({trainer.nonfinite_steps} skipped so far)", file=sys.stderr)
+    return True
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

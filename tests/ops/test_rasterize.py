@@ -314,3 +314,26 @@ def test_matches_gsplat_on_cuda():
     for k in ("means", "colors", "opacities"):
         scale = lg[k].grad.abs().max()
         torch.testing.assert_close(lt[k].grad / scale, lg[k].grad / scale, atol=2e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "dense"])
+def test_nonfinite_gaussians_are_invisible_and_get_no_gradient(backend):
+    gauss = _gaussians(12)
+    viewmats, Ks = _cameras(2, 24, 20)
+    bad = {k: v.clone() for k, v in gauss.items()}
+    bad["means"][3, 0] = math.nan
+    bad["scales"][5, 1] = math.inf
+    bad["quats"][7] = math.nan
+    bad["opacities"][9] = math.nan
+    keep = torch.ones(12, dtype=torch.bool)
+    keep[[3, 5, 7, 9]] = False
+    good = _render({k: v[keep] for k, v in gauss.items()}, viewmats, Ks, 24, 20, backend=backend)
+    for v in bad.values():
+        v.requires_grad_(True)
+    out = _render(bad, viewmats, Ks, 24, 20, backend=backend)
+    torch.testing.assert_close(out.colors, good.colors)
+    torch.testing.assert_close(out.alphas, good.alphas)
+    assert (out.radii[:, ~keep] == 0).all()
+    out.colors.sum().backward()
+    for v in bad.values():
+        assert torch.isfinite(v.grad).all() and (v.grad[~keep] == 0).all()

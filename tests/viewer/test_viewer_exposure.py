@@ -221,7 +221,8 @@ def test_a_crafted_time_value_shows_a_real_frame(viewer):
     for value in (math.nan, 7.0):  # NaN is dropped (the slider keeps 0.5), 7 is clamped to the end
         client.update(viewer.time_slider, value=value)
     wait_for(lambda: viewer.time_slider.value == 1.0, what="7 clamped to 1")
-    assert viewer.shown_time == 1.0 and viewer._frame_shown[1] == 2
+    # the viewer's thread shows the frame after the value is stored: wait for it rather than race it
+    wait_for(lambda: viewer.shown_time == 1.0 and viewer._frame_shown[1] == 2, what="the last frame shown")
     client.close()
 
 

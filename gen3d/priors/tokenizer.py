@@ -5,7 +5,7 @@ every byte (so any prompt tokenizes) and makes each listed word one token, which
 priors' text encoders small. BPE applies the lowest-ranked pair first, so a word's merges are found by
 running the merges listed so far on it and then joining what is left from left to right: the new merges
 rank after every earlier one, so they never split an earlier word, and an earlier merge cannot split
-this one ("spinning" is one token, not "s pin n i n g" after the merges of "pink").
+this one ("spinning" is one token, not "s pin n i n g" after the merges of "pine" and "pink").
 """
 
 from __future__ import annotations

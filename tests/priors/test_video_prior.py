@@ -26,14 +26,17 @@ def exported(trainer):
 
 def test_inflated_model_is_the_image_prior_on_every_frame(trainer):
     """Before training, the video UNet is the image UNet applied frame by frame (temporal layers are the identity),
-    and the text encoder embeds the image prior's words as it did."""
+    and the text encoder embeds the image prior's words as it did (words the image prior's tokenizer splits into pieces,
+    such as "front" in the shipped one, are one token in the video prior's and start afresh)."""
     image = DiffusionPrior.from_pretrained("gen3d/shapes-t2i", dtype="float32")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 3, 32, 32, generator=g)
     t = torch.tensor([100, 700])
-    prompts = ["a red mug", "a blue cube, front view"]
+    prompts = ["a red mug", "a blue cube, side view"]
     text = trainer.encode(prompts)
     assert torch.allclose(text, image.encode_text(prompts), atol=1e-5)
+    split = ["a blue cube, front view"]  # "f ro n t" in the image prior's tokenizer, one token in the video prior's
+    assert not torch.allclose(trainer.encode(split), image.encode_text(split), atol=1e-5)
     with torch.no_grad():
         video = trainer.unet(with_time_channel(x), t, text).sample
         frames = [image.unet(x[:, :, f], t, text).sample for f in range(3)]

@@ -240,3 +240,10 @@ class LossWeights:
                     loss = entropy_loss(samples.weights, samples.ray_indices, samples.n_rays)
             out[term] = weight * loss
         return out
+
+
+def grads_finite(params) -> bool:
+    """Whether every gradient of `params` is finite (one device sync): the check before an optimizer step that the
+    systems (`System.optimize`) and the world trainers (`skip_nonfinite`) share."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())

@@ -32,6 +32,7 @@ from gen3d.config import clean_text, to_dict
 from gen3d.errors import CheckpointError, Gen3dError
 from gen3d.export.refine import TextureRefineConfig
 from gen3d.io import write_text_atomic
+from gen3d.losses import grads_finite
 from gen3d.rendering.types import RenderOutput
 from gen3d.runs import checkpoint_dirs, latest_checkpoint, save_checkpoint
 
@@ -316,7 +317,7 @@ class System:
         else:
             loss.backward()
             bad = [group.get("name", str(i)) for i, group in enumerate(optimizer.param_groups)
-                   if not _grads_finite(group["params"])]
+                   if not grads_finite(group["params"])]
             if bad:
                 self._skipped = f"the gradient of {', '.join(bad)} is not finite"
         if not self._skipped:
@@ -760,12 +761,6 @@ def _install_stop_signals(system: System) -> dict[int, Any] | None:
     for signum in STOP_SIGNALS:
         signal.signal(signum, handler)
     return previous
-
-
-def _grads_finite(params) -> bool:
-    """Whether every gradient of `params` is finite (one device sync)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
 class _TqdmHandler(logging.Handler):

@@ -331,17 +331,17 @@ def skip_nonfinite(trainer, loss: torch.Tensor, params: list[torch.Tensor]) -> b
     trainers' counterpart of `gen3d.systems.base.System.optimize`. Skipped steps make no update (nor EMA), are counted
     (``trainer.nonfinite_steps``) and reported; more than `MAX_NONFINITE_STEPS` in a row stop the training with advice,
     the last checkpoint intact."""
-    grads = [p.grad for p in params if p.grad is not None]
-    finite = bool(torch.isfinite(loss.detach()).all()) and (
-        not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()))
-    if finite:
+    from gen3d.losses import grads_finite
+
+    loss_finite = bool(torch.isfinite(loss.detach()).all())
+    if loss_finite and grads_finite(params):
         trainer._nonfinite_run = 0
         return False
     trainer._nonfinite_run = getattr(trainer, "_nonfinite_run", 0) + 1
     trainer.nonfinite_steps = getattr(trainer, "nonfinite_steps", 0) + 1
     for p in params:
         p.grad = None
-    what = "the loss" if not bool(torch.isfinite(loss.detach()).all()) else "a gradient"
+    what = "a gradient" if loss_finite else "the loss"
     if trainer._nonfinite_run > MAX_NONFINITE_STEPS:
         from gen3d.errors import Gen3dError
 

@@ -77,7 +77,8 @@ def front_clip(render_at, size: int = 64, frames: int = 8):
     return torch.cat([render_at(cams, t) for t in torch.linspace(0, 1, frames).tolist()]).clamp(0, 1)
 
 
-def run_case(kind: str, prompt: str, motion: str, overrides: list[str], out_dir: Path) -> tuple[dict, dict, torch.Tensor]:
+def run_case(kind: str, prompt: str, motion: str, overrides: list[str], out_dir: Path,
+             iou_resolution: int = 48) -> tuple[dict, dict, torch.Tensor]:
     """One run: its scores, those of its frozen static stage, and its clip from the front (for the figure)."""
     from gen3d.cli import load_run_config
     from gen3d.runs import new_run_dir
@@ -111,9 +112,9 @@ def run_case(kind: str, prompt: str, motion: str, overrides: list[str], out_dir:
     with torch.no_grad():
         clip = front_clip(lambda c, t: system.clip_frames(c, [t])[0], frames=cfg.frames)
         row = {"kind": kind, "object": prompt, "motion": motion, "seconds": round(seconds, 1),
-               "n_gaussians": system.model.num_gaussians, **_rounded(evaluate(system, animated))}
+               "n_gaussians": system.model.num_gaussians, **_rounded(evaluate(system, animated, iou_resolution))}
         frozen(system)
-        still = {"kind": f"frozen_{kind}", "object": prompt, "motion": motion, **_rounded(evaluate(system, animated))}
+        still = {"kind": f"frozen_{kind}", "object": prompt, "motion": motion, **_rounded(evaluate(system, animated, iou_resolution))}
     return row, still, clip
 
 
@@ -138,7 +139,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--objects", nargs="*", help="these objects (\"a red sphere\") under every chosen motion, in "
                         "place of the four default cases")
     parser.add_argument("--override", nargs="*", default=[], help="config overrides for every run")
-    parser.add_argument("--quick", action="store_true", help="one object, 12 steps: a smoke test of the script")
+    parser.add_argument("--quick", action="store_true", help="one object, 12 steps, IoU on a 24^3 grid: a smoke test "
+                        "of the script")
+    parser.add_argument("--iou-resolution", type=int, default=48, help="voxels per side of the per-frame IoU grid")
     parser.add_argument("--output-dir", help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--figure", help="PNG of every run's clip from the front, each object's true clip below them")
@@ -152,13 +155,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         cases = cases[:1]
         overrides = ["max_steps=12", "static_steps=8", "frames=4", *overrides]
+        args.iou_resolution = 24
     rows, clips = [], []
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(args.output_dir or tmp)
         out_dir.mkdir(parents=True, exist_ok=True)
         for prompt, motion in cases:
             for kind in args.kinds:
-                row, still, clip = run_case(kind, prompt, motion, overrides, out_dir)
+                row, still, clip = run_case(kind, prompt, motion, overrides, out_dir, args.iou_resolution)
                 print(json.dumps(row), json.dumps(still), file=sys.stderr)
                 rows += [row, still]
                 clips.append(clip)
@@ -174,7 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
         save_image(args.figure, image_grid(torch.cat(clips), nrow=clips[0].shape[0]))
     for path in args.merge:  # e.g. the kinds run in another process
         rows += json.loads(Path(path).read_text())["rows"]
-    report = {"benchmark": "shapes-4d", "overrides": overrides, "threads": torch.get_num_threads(), "rows": rows,
+    report = {"benchmark": "shapes-4d", "overrides": overrides, "iou_resolution": args.iou_resolution,
+              "threads": torch.get_num_threads(), "rows": rows,
               "summary": summarize(rows)}
     print(json.dumps(report, indent=2))
     return report

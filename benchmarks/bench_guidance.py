@@ -78,7 +78,7 @@ def failure_scores(query, obj) -> dict:
 
 
 def run_group(method: str, prompt: str, seeds: list[int], overrides: list[str], out_dir: Path, config: str,
-              log=None) -> tuple[list[dict], dict]:
+              log=None, iou_resolution: int = 64) -> tuple[list[dict], dict]:
     """All seeds of one method on one prompt: per-run rows, and the group's seed diversity."""
     from gen3d.world.catalog import parse_prompt
     from gen3d.world.metrics import seed_diversity
@@ -86,7 +86,8 @@ def run_group(method: str, prompt: str, seeds: list[int], overrides: list[str], 
     obj = parse_prompt(prompt)
     rows, queries = [], []
     for seed in seeds:
-        row = run_prompt(prompt, [f"guidance.type={method}", f"seed={seed}", *overrides], out_dir, config)
+        row = run_prompt(prompt, [f"guidance.type={method}", f"seed={seed}", *overrides], out_dir, config,
+                         iou_resolution)
         system = load_result(row["run"])
         query = system.query()
         row = {"method": method, "seed": seed, **row,
@@ -216,7 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--method-override", nargs=2, action="append", default=[], metavar=("METHOD", "KEY=VALUE"),
                         help="an override for one method's runs only (repeatable), "
                         "e.g. vsd guidance.guidance_scale=7.5")
-    parser.add_argument("--quick", action="store_true", help=f"2 prompts, 2 seeds, {QUICK_STEPS} steps: a smoke test")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"2 prompts, 2 seeds, {QUICK_STEPS} steps, 3D IoU on a 32^3 grid: a smoke test")
     parser.add_argument("--output-dir", help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--shard", default="1/1", help="K/N: run every N-th (method, prompt) pair starting at the "
@@ -261,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
         out_dir = Path(args.output_dir or tmp)
         for method, prompt in pairs:
             rows, group = run_group(method, prompt, seeds, [*overrides, *per_method[method]], out_dir, args.config,
-                                    log=sys.stderr)
+                                    log=sys.stderr, iou_resolution=32 if args.quick else 64)
             runs += rows
             groups.append(group)
             print(json.dumps(group), file=sys.stderr)

@@ -80,7 +80,7 @@ def novel_cameras(azimuth: float, size: int):
     return spherical_cameras(az, el, torch.full((n,), DISTANCE), torch.full((n,), FOVY), size, size)
 
 
-def score(model, obj, azimuth: float, surface: torch.Tensor, eval_size: int) -> dict[str, float]:
+def score(model, obj, azimuth: float, surface: torch.Tensor, eval_size: int, iou_resolution: int = 64) -> dict[str, float]:
     query = GaussianQuery(model)
     cams = novel_cameras(azimuth, eval_size)
     psnr, ssim = psnr_ssim(query, obj, cams)
@@ -89,12 +89,12 @@ def score(model, obj, azimuth: float, surface: torch.Tensor, eval_size: int) -> 
     centers = model.means.detach()[keep][None]
     return {"novel_psnr": psnr, "novel_ssim": ssim, "novel_silhouette_iou": float(silhouette_iou(query, obj, cams)),
             "input_psnr": input_psnr,
-            "iou_3d": float(iou_3d(query, obj, normalize=False, best_over_azimuth=False)),
-            "iou_3d_normalized": float(iou_3d(query, obj)),
+            "iou_3d": float(iou_3d(query, obj, resolution=iou_resolution, normalize=False, best_over_azimuth=False)),
+            "iou_3d_normalized": float(iou_3d(query, obj, resolution=iou_resolution)),
             "chamfer": 1000 * float(chamfer_distance(centers, surface[None])[0]) if keep.any() else float("nan")}
 
 
-def sweep(net, objects, azimuths, eval_size: int, split: str) -> list[dict]:
+def sweep(net, objects, azimuths, eval_size: int, split: str, iou_resolution: int = 64) -> list[dict]:
     rows = []
     for obj in objects:
         surface = build_recon_set([obj], views=1, size=8, points=4096, seed=1).points[0]
@@ -102,12 +102,12 @@ def sweep(net, objects, azimuths, eval_size: int, split: str) -> list[dict]:
             rgb, mask = view(obj, az)
             model, seconds = reconstruct(net, rgb, mask, camera(az))
             rows.append({"split": split, "object": str(obj), "azimuth": az, "seconds": seconds,
-                         **{k: round(v, 4) for k, v in score(model, obj, az, surface, eval_size).items()}})
+                         **{k: round(v, 4) for k, v in score(model, obj, az, surface, eval_size, iou_resolution).items()}})
             print(json.dumps(rows[-1]), file=sys.stderr)
     return rows
 
 
-def recentered(model_id: str, objects, tmp: Path) -> list[dict]:
+def recentered(model_id: str, objects, tmp: Path, iou_resolution: int = 64) -> list[dict]:
     """Each object's front view through `gen3d reconstruct`'s path (recentered, fixed input camera)."""
     from gen3d.cli import load_run_config
 
@@ -127,7 +127,7 @@ def recentered(model_id: str, objects, tmp: Path) -> list[dict]:
         rows.append({"split": "held_out_recentered", "object": str(obj), "azimuth": 0.0,
                      "seconds": system.recon_seconds,
                      "input_silhouette_iou": round(float((alpha & mask).sum() / (alpha | mask).sum()), 4),
-                     "iou_3d_normalized": round(float(iou_3d(query, obj)), 4)})
+                     "iou_3d_normalized": round(float(iou_3d(query, obj, resolution=iou_resolution)), 4)})
         print(json.dumps(rows[-1]), file=sys.stderr)
     return rows
 
@@ -202,18 +202,23 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=20, help="timed forward passes per thread count")
     p.add_argument("--reference-steps", type=int, default=400, help="steps of the optimization recipe timed")
     p.add_argument("--threads", type=int, default=2, help="torch threads for everything but the latency sweep")
-    p.add_argument("--quick", action="store_true", help="one object, two views, 3 repeats, a 5-step reference")
+    p.add_argument("--iou-resolution", type=int, default=64, help="voxels per side of the 3D IoU grid")
+    p.add_argument("--quick", action="store_true", help="one object, two views, 3 repeats, a 5-step reference, "
+                   "3D IoU on a 32^3 grid")
     args = p.parse_args(argv)
     if args.quick:
         args.azimuths, args.train_objects, args.eval_size, args.repeats, args.reference_steps = 2, 1, 32, 3, 5
+        args.iou_resolution = 32
     torch.set_num_threads(args.threads)
     net = load_tgs(args.model)
     azimuths = [360.0 * k / args.azimuths for k in range(args.azimuths)]
     held = held_out_objects()[:1] if args.quick else held_out_objects()
     train = training_objects()[:: max(1, len(training_objects()) // max(1, args.train_objects))][:args.train_objects]
-    rows = sweep(net, held, azimuths, args.eval_size, "held_out") + sweep(net, train, azimuths, args.eval_size, "train")
+    res = args.iou_resolution
+    rows = sweep(net, held, azimuths, args.eval_size, "held_out", res) + sweep(net, train, azimuths, args.eval_size,
+                                                                              "train", res)
     with tempfile.TemporaryDirectory() as tmp:
-        rows += recentered(args.model, held, Path(tmp))
+        rows += recentered(args.model, held, Path(tmp), res)
     timing = latency(net, args.repeats)
     reference = reference_run(args.reference_steps, args.threads)
     median = timing[f"threads_{min(args.threads, 2)}"]["median_ms"] / 1000

@@ -67,12 +67,12 @@ HIGH_NOISE = 700
 
 
 @torch.no_grad()
-def ratios(prior, data, info, rest=None, seed: int = 0) -> dict:
+def ratios(prior, data, info, rest=None, seed: int = 0, timesteps=TIMESTEPS) -> dict:
     """Per t: the motion, order and shuffle ratios; ``motion_high_noise`` over t >= HIGH_NOISE; per motion at high
     noise. With `rest`, a prior that takes the object at rest is shown it (the same image for every alteration)."""
     g = torch.Generator().manual_seed(seed)
     keys = ("right", "wrong_motion", "reversed", "shuffled")
-    sums = {t: dict.fromkeys(keys, 0.0) for t in TIMESTEPS}
+    sums = {t: dict.fromkeys(keys, 0.0) for t in timesteps}
     per_motion: dict[str, list[float]] = {m: [0.0, 0.0] for m in VERBS}
     frames = data.shape[2]
     for i, (x0, (obj, motion, view)) in enumerate(zip(data, info)):
@@ -80,7 +80,7 @@ def ratios(prior, data, info, rest=None, seed: int = 0) -> dict:
         caps = [f"{base}, {VERBS[motion]}, {view} view"] + [f"{base}, {VERBS[m]}, {view} view" for m in VERBS if m != motion]
         emb = prior.encode_text(caps)
         perm = torch.randperm(frames, generator=g)
-        for t in TIMESTEPS:
+        for t in timesteps:
             eps = prior.noise(x0[None], g)[0]  # as the model was trained: mixed noise for the embedded prior
             ab = prior.alphas_cumprod[t]
             # the altered clips carry their noise with their frames: a model blind to time scores them exactly equal
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prior", default="gen3d/shapes-t2v")
     parser.add_argument("--compare", nargs="*", default=[], help="other priors to score on the same clips")
     parser.add_argument("--objects", type=int, default=8, help="seen objects (every 19th training object)")
-    parser.add_argument("--quick", action="store_true", help="1 object, no held-out ones: a smoke test")
+    parser.add_argument("--quick", action="store_true", help="1 object, no held-out ones, t in {400, 850}: a smoke test")
     parser.add_argument("--figure", help="write sampled clips (one row per prompt) to this PNG")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
@@ -137,17 +137,18 @@ def main(argv: list[str] | None = None) -> dict:
     prior = VideoDiffusionPrior.from_pretrained(args.prior)
     seen = training_objects()[::19][: 1 if args.quick else args.objects]
     groups = {"seen": seen} if args.quick else {"seen": seen, "held_out": held_out_objects()}
-    report = {"benchmark": "video-prior", "prior": args.prior, "frames": prior.num_frames}
+    timesteps = (400, 850) if args.quick else TIMESTEPS
+    report = {"benchmark": "video-prior", "prior": args.prior, "frames": prior.num_frames, "timesteps": timesteps}
     base = baseline_prior(prior.num_frames)
     compared = {path: VideoDiffusionPrior.from_pretrained(path) for path in args.compare}
     for name, objects in groups.items():
         pairs = [(obj, motion) for obj in objects for motion in VERBS]
         data, info, rest = clips(pairs, prior.num_frames, prior.resolution, seed=1000)
-        report[name] = {"clips": len(data), "trained": ratios(prior, data, info, rest),
-                        "untrained_inflation": ratios(base, data, info),
-                        **{path: ratios(other, data, info, rest) for path, other in compared.items()}}
+        report[name] = {"clips": len(data), "trained": ratios(prior, data, info, rest, timesteps=timesteps),
+                        "untrained_inflation": ratios(base, data, info, timesteps=timesteps),
+                        **{path: ratios(other, data, info, rest, timesteps=timesteps) for path, other in compared.items()}}
         if prior.rest_frame:  # the same prior shown no image: the text-to-video model it also is
-            report[name]["trained_without_image"] = ratios(prior, data, info)
+            report[name]["trained_without_image"] = ratios(prior, data, info, timesteps=timesteps)
         print(json.dumps({name: report[name]}), file=sys.stderr)
     if args.figure:
         from gen3d.export.video import image_grid, save_image

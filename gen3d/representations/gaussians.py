@@ -320,7 +320,7 @@ class GaussianModel(nn.Module):
 
     # ------------------------------------------------------------------- fields for mesh export
 
-    def density(self, points: Tensor, chunk: int | list[int] = 4096, cutoff: float = 3.0) -> Tensor:
+    def density(self, points: Tensor, chunk: int | list[int] = 1024, cutoff: float = 3.0) -> Tensor:
         """Opacity-weighted Gaussian density at `points` [P, 3] -> [P].
 
         density(x) = sum_i o_i exp(-1/2 (x - mu_i)^T Sigma_i^-1 (x - mu_i)), the field DreamGaussian
@@ -329,11 +329,12 @@ class GaussianModel(nn.Module):
         visit only the Gaussians whose bounding boxes overlap the chunk's. `chunk` is a chunk size
         or a list of sizes summing to P (e.g. one per spatial block of a grid). With a chunk size, the
         points are first sorted into the cells of a 32^3 grid over them, so each chunk is spatially
-        compact (baking a 1024^2 texture: 2x faster); the result does not depend on the chunking.
+        compact (baking a 1024^2 texture: 2x faster); the result does not depend on the chunking. Chunks of
+        1024 points were 2.5-6x faster than 4096 on a 64^3 grid (4k-20k Gaussians of scale 0.01-0.1).
         """
         return self._splat(points, None, chunk, cutoff)[0]
 
-    def color_at(self, points: Tensor, chunk: int | list[int] = 4096, cutoff: float = 3.0) -> Tensor:
+    def color_at(self, points: Tensor, chunk: int | list[int] = 1024, cutoff: float = 3.0) -> Tensor:
         """Density-weighted DC color at `points` [P, 3] -> [P, 3] in [0, 1].
 
         color(x) = sum_i w_i(x) c_i / sum_i w_i(x) with w_i the terms of `density` and
@@ -355,7 +356,7 @@ class GaussianModel(nn.Module):
         if isinstance(chunk, int) and len(points) > chunk:  # chunks of spatially close points visit fewer Gaussians
             lo, hi = points.amin(0), points.amax(0)
             cell = ((points - lo) / (hi - lo).clamp_min(1e-12) * 31.999).long()  # a 32^3 grid over the points
-            order = torch.argsort((cell[:, 0] * 32 + cell[:, 1]) * 32 + cell[:, 2])
+            order = torch.argsort(_morton_code(cell))  # Z-order: consecutive cells make compact blocks, not slabs
             sizes = [chunk] * (len(points) // chunk) + ([len(points) % chunk] if len(points) % chunk else [])
             w, v = self._splat(points[order], values, sizes, cutoff)
             inverse = torch.empty_like(order)
@@ -402,3 +403,14 @@ class GaussianModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_gaussians={self.num_gaussians}, sh_degree={self.sh_degree}"
+
+
+def _morton_code(cell: Tensor, bits: int = 5) -> Tensor:
+    """Z-order (Morton) codes [P] of integer cells [P, 3] in [0, 2^bits): the bits of x, y, z interleaved, so that
+    sorting by them walks the grid block by block."""
+    code = torch.zeros_like(cell[:, 0])
+    for b in range(bits):
+        for axis in range(3):
+            code |= ((cell[:, axis] >> b) & 1) << (3 * b + 2 - axis)
+    return code
+

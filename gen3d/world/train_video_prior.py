@@ -98,6 +98,11 @@ class VideoPriorTrainConfig(PriorTrainConfig):
     """The learning rate of the UNet's first convolution is lr times this. The rest image's weights there start at zero
     and Adam moves a weight by about lr per step, so at lr 2e-4 they need hundreds of steps to matter (at 10, with
     rest_init 0, they still stayed near zero)."""
+    train_spatial: bool = True
+    """Train the spatial layers too. false: only the temporal layers, the first convolution (the time channel's and
+    rest image's weights) and the text encoder learn, and the spatial layers stay those of `init_from`, as VideoLDM
+    (Blattmann et al. 2023, "Align your Latents") and AnimateDiff (Guo et al. 2023) train their temporal layers on a
+    frozen image model: every step's gradient then goes to what the clips add to single images, their motion."""
     init_from: str = "gen3d/shapes-t2i"
     """Image prior whose UNet and text encoder initialize the spatial layers, or a video prior (e.g. gen3d/shapes-t2v)
     whose weights initialize all layers (new input channels start at zero, the rest image's at `rest_init`); "" trains
@@ -148,6 +153,12 @@ class VideoPriorTrainer(PriorTrainer):
         first = [p for n, p in named if n.startswith("conv_in.")] if cfg.input_lr_scale != 1 else []
         temporal = [p for n, p in named if _is_temporal(n)]
         other = [p for n, p in named if not _is_temporal(n) and not any(p is q for q in first)]
+        if not cfg.train_spatial:  # the image layers stay as init_from made them; the first convolution still learns
+            first_layer = [p for n, p in named if n.startswith("conv_in.")]
+            for p in other:
+                if not any(p is q for q in first_layer):
+                    p.requires_grad_(False)
+            other = [p for p in other if p.requires_grad]
         groups = [{"params": other + list(self.text_encoder.parameters())},
                   {"params": temporal, "lr_scale": cfg.temporal_lr_scale}]
         if first:  # a group of its own only when it is scaled: checkpoints of two groups still resume

@@ -72,7 +72,7 @@ def test_from_dict_of_any_yaml_values(system, data):
     assert cfg is None or isinstance(cfg, CLASSES[system])
 
 
-@settings(max_examples=120, **FUZZ)
+@settings(max_examples=60, **FUZZ)
 @given(st.sampled_from(sorted(PRESETS)), st.lists(st.tuples(st.sampled_from(KEYS), VALUE_TEXT), min_size=1,
                                                  max_size=4))
 def test_overrides_of_real_keys_with_any_values_and_round_trip(preset, overrides):
@@ -98,7 +98,7 @@ def test_overrides_of_any_keys(system, overrides):
     config_or_error(lambda: from_dict(cls, apply_overrides(cls, {}, texts)))
 
 
-@settings(max_examples=200, **FUZZ)
+@settings(max_examples=100, **FUZZ)
 @given(st.one_of(st.binary(max_size=200), VALUE_TEXT.map(str.encode),
                  st.dictionaries(KEY_TEXT, VALUES, max_size=5).map(lambda d: yaml.safe_dump(d).encode())))
 def test_read_yaml_of_any_file(content):

@@ -188,6 +188,20 @@ def test_text_embeddings_are_cached(tiny_prior_dirs):
     assert (both[0] - both[1]).abs().max() > 0
 
 
+@pytest.mark.parametrize("words, vocabulary", [(3, ["a", "red\t", "mug,"]), (75, ["a", "red\t"]), (76, ["a", "red\t"]),
+                                               (5000, ["a", "red\t", "mug,", "spinningly"])])
+def test_long_prompts_read_the_same_tokens_and_warn_once_over_the_limit(tiny_prior_dirs, words, vocabulary, caplog):
+    prior = DiffusionPrior.from_pretrained(str(tiny_prior_dirs["pixel"]))
+    prompt = " ".join(vocabulary[i % len(vocabulary)] for i in range(words))
+    full = prior.tokenizer(prompt).input_ids  # every token, without truncation ("a" and "red" are one token each)
+    with caplog.at_level("WARNING", logger="gen3d"):
+        emb = prior.encode_text([prompt])
+    ids = prior.tokenizer(prompt, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    torch.testing.assert_close(emb[0], prior.text_encoder(ids)[0][0])  # as if the whole prompt had been tokenized
+    warned = [r for r in caplog.records if "the rest is ignored" in r.getMessage()]
+    assert len(warned) == (len(full) > 77) == (words > 75)
+
+
 # ---------------------------------------------------------------- errors
 
 

@@ -234,3 +234,24 @@ def test_at_rest_feeds_the_rest_image(rest_trainer):
             plain = shipped.unet_eps(x, t, text)
             with shipped.at_rest(rest):
                 assert torch.equal(shipped.unet_eps(x, t, text), plain)
+
+
+def test_frozen_spatial_layers_train_only_the_temporal_layers_first_convolution_and_text(tmp_path):
+    """train_spatial=false: two steps change the temporal layers, the first convolution and the text encoder, and
+    leave every other UNet weight exactly as init_from made it."""
+    from gen3d.world.train_video_prior import VideoPriorTrainConfig, VideoPriorTrainer, _is_temporal
+
+    cfg = VideoPriorTrainConfig(output=str(tmp_path / "out"), work_dir=str(tmp_path / "work"), steps=2, max_objects=1,
+                                clips_per_pair=1, frames=3, size=16, supersample=1, progress=False,
+                                train_spatial=False, warmup=1)
+    trainer = VideoPriorTrainer(cfg)
+    before = {n: p.detach().clone() for n, p in trainer.unet.named_parameters()}
+    text_before = {n: p.detach().clone() for n, p in trainer.text_encoder.named_parameters()}
+    trainer.build_data()
+    for _ in range(2):
+        trainer.train_step()
+    changed = {n for n, p in trainer.unet.named_parameters() if not torch.equal(p, before[n])}
+    assert changed, "nothing trained"
+    assert all(_is_temporal(n) or n.startswith("conv_in.") for n in changed), sorted(changed)[:5]
+    assert any(_is_temporal(n) for n in changed) and "conv_in.weight" in changed
+    assert any(not torch.equal(p, text_before[n]) for n, p in trainer.text_encoder.named_parameters())

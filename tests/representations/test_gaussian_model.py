@@ -140,6 +140,19 @@ def test_density_at_the_center_is_the_opacity_and_exp_half_at_one_sigma():
         assert model.density(center + 3.2 * scales[0, 0] * R[:, 0]).item() == 0.0
 
 
+def test_morton_order_walks_the_grid_in_cubic_blocks():
+    from gen3d.representations.gaussians import _morton_code
+
+    n = 8
+    cells = torch.stack(torch.meshgrid(*[torch.arange(n)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    codes = _morton_code(cells, bits=3)
+    assert sorted(codes.tolist()) == list(range(n ** 3))  # one code per cell
+    ordered = cells[torch.argsort(codes)]
+    for size in (2, 4):  # every run of size^3 consecutive cells is a size x size x size cube
+        for block in ordered.split(size ** 3):
+            assert ((block.amax(0) - block.amin(0)) == size - 1).all() and (block.amin(0) % size == 0).all()
+
+
 def test_density_matches_brute_force_and_ignores_chunking():
     model = random_model(40, seed=3)
     pts = torch.rand(300, 3) - 0.5

@@ -15,6 +15,7 @@ from gen3d.runs import new_run_dir
 from gen3d.systems.base import Interrupted, write_config
 from gen3d.viewer.server import free_port
 from tests.systems.conftest import fast_overrides
+from tests.viewer.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -41,15 +42,6 @@ def foreground_fraction(page) -> float:
 def dark_fraction(page) -> float:
     """Fraction of the central view that is near black (the background of the alpha and depth modes)."""
     return float((central_view(screenshot(page)).sum(-1) < 60).mean())
-
-
-def wait_for(predicate, timeout=30.0, what="condition"):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 class LiveRun:
@@ -88,10 +80,11 @@ class LiveRun:
             raise self.error
 
 
-def open_page(browser, url):
+def open_page(browser, url, button="Pause"):
+    """A new page on `url`, once the viewer's GUI shows `button` (Resume for a paused run)."""
     page = browser.new_page(viewport={"width": 1000, "height": 700})
     page.goto(url)
-    page.get_by_role("button", name="Pause").wait_for(timeout=30000)
+    page.get_by_role("button", name=button).wait_for(timeout=30000)
     return page
 
 
@@ -116,14 +109,16 @@ def test_live_gaussians_pause_export_and_two_clients(browser, tiny_pixel_prior, 
         page.get_by_role("button", name="Export now").click()
         wait_for(lambda: (system.run_dir / "export" / "model.ply").is_file(), what="the export")
 
+        # a second client at once (while paused: software WebGL draws the splats slowly beside a training thread)
+        second = open_page(browser, viewer.url, button="Resume")  # it is shown the run's state
+        wait_for(lambda: len(viewer.server.get_clients()) == 2, what="two clients")
+        wait_for(lambda: foreground_fraction(second) > 0.005, what="the Gaussians in the second client")
+
         page.get_by_role("button", name="Resume").click()
         wait_for(lambda: not viewer.paused, what="the resume to reach the server")
         wait_for(lambda: system.step > paused_at + 2, what="training to resume")
 
-        # a second client at once; then the first leaves and training goes on
-        second = open_page(browser, viewer.url)
-        wait_for(lambda: len(viewer.server.get_clients()) == 2, what="two clients")
-        wait_for(lambda: foreground_fraction(second) > 0.005, what="the Gaussians in the second client")
+        # the first client leaves and training goes on
         page.close()
         wait_for(lambda: len(viewer.server.get_clients()) == 1, what="the first client to leave")
         step = system.step

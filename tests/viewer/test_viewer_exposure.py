@@ -8,7 +8,6 @@ go, path-like file names, updates to read-only readouts, file uploads to any con
 import math
 import socket
 import threading
-import time
 import urllib.request
 import uuid
 
@@ -17,6 +16,7 @@ import torch
 
 from gen3d.viewer.server import MODES, RESOLUTIONS, Viewer, free_port
 from gen3d.viewer.snapshots import gaussian_snapshot
+from tests.viewer.waiting import wait_for
 
 TCP_LISTEN = "0A"
 
@@ -61,15 +61,6 @@ def http_status(url: str) -> int:
         return response.status
 
 
-def wait_for(predicate, timeout=30.0, what="condition"):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 class RawClient:
     """A viser client over a plain websocket: sends viser messages as given, counts what the server sends back."""
 
@@ -109,8 +100,22 @@ class RawClient:
 
         self.send(_messages.GuiUpdateMessage(handle._impl.uuid, updates))
 
-    def count(self, marker: bytes) -> int:
-        return sum(marker in raw for raw in list(self.received))
+    def types(self) -> list[str]:
+        """The type of every message the server sent, in order. Each websocket frame is a window of messages in
+        viser's wire format: two little-endian uint64 sizes (msgpack, then zstd-compressed), the zstd-compressed
+        msgpack {"messages": [...], ...}, then raw binary buffers."""
+        import msgspec
+        import zstandard
+
+        out = []
+        for raw in list(self.received):
+            size, compressed = int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:16], "little")
+            inner = zstandard.ZstdDecompressor().decompress(raw[16:16 + compressed], max_output_size=size)
+            out += [m["type"] for m in msgspec.msgpack.decode(inner)["messages"]]
+        return out
+
+    def count(self, message_type: str) -> int:
+        return self.types().count(message_type)
 
     def close(self) -> None:
         self.ws.close()
@@ -185,7 +190,7 @@ def test_crafted_control_values_neither_crash_the_server_nor_write_files(viewer,
     client.update(viewer.mode, value="depth")  # the last word: a real mode, rendered by the server
     client.camera()
     wait_for(lambda: viewer.mode.value == "depth", what=f"the depth mode (shows {viewer.mode.value!r:.40}, client closed: {client.closed.is_set()})")
-    wait_for(lambda: client.count(b"BackgroundImageMessage") > 0, what="a server render after the crafted cameras")
+    wait_for(lambda: client.count("BackgroundImageMessage") > 0, what="a server render after the crafted cameras")
     wait_for(lambda: any("share URL; refused" in line for line in viewer.lines), what="the refused share request")
 
     assert viewer.render_mode in MODES and RESOLUTIONS[0] <= viewer.render_height <= RESOLUTIONS[1]

@@ -15,15 +15,7 @@ from gen3d.representations.gaussians import GaussianConfig, GaussianModel
 from gen3d.viewer.protocol import Timeline
 from gen3d.viewer.server import Viewer, free_port
 from gen3d.viewer.snapshots import dynamic_snapshot, gaussian_snapshot, snapshot_of
-
-
-def wait_for(predicate, timeout=10.0, what="condition"):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+from tests.viewer.waiting import wait_for
 
 
 def moving_gaussians(seed: int = 0) -> DynamicGaussians:

@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
                                rest=rest)
         if rest is not None:
             videos = torch.stack([videos, truth], 1).flatten(0, 1)
-        save_image(args.figure, image_grid(F.interpolate(videos.flatten(0, 1).permute(0, 3, 1, 2), scale_factor=2,
+        scale = max(2, 64 // prior.resolution)  # frames at least 64 pixels wide
+        save_image(args.figure, image_grid(F.interpolate(videos.flatten(0, 1).permute(0, 3, 1, 2), scale_factor=scale,
                                                          mode="nearest").permute(0, 2, 3, 1), nrow=prior.num_frames))
         report["figure"] = args.figure
     print(json.dumps(report, indent=2))

@@ -231,4 +231,7 @@ def test_bench_video_prior_quick(capsys):
     base = report["seen"]["untrained_inflation"]
     # the untrained inflation is the image prior on every frame: blind to frame order, exactly
     assert all(r["order"] == 1.0 and r["shuffle"] == 1.0 for r in base["per_t"].values())
-    assert 0.5 < report["seen"]["trained"]["motion_high_noise"] < 1.5
+    # the shipped prior reads its motion words: the wrong word costs it over 10% at t = 850 (0.68 when written; the
+    # first 32x32 prior, which ignored them, scored 0.999), where the untrained inflation is blind to them
+    assert report["seen"]["trained"]["motion_high_noise"] < 0.9
+    assert 0.97 < report["seen"]["untrained_inflation"]["motion_high_noise"] < 1.03

@@ -25,7 +25,10 @@ motion alone; ``init_from=gen3d/shapes-t2v`` starts it from the text-to-video pr
 The output is a diffusers pipeline folder (``TextToVideoSDPipeline`` layout without a VAE: the model is in
 pixel space) that `VideoDiffusionPrior.from_pretrained("gen3d/shapes-t2v")` loads:
 
-    gen3d world train-video-prior                   # the shipped weights, from seed 0
+    # the shipped weights, from seed 0, in two stages: all layers at 16x16 (4,000 steps), then the temporal layers,
+    # first convolution and text encoder on the frozen spatial layers (2,000 steps)
+    gen3d world train-video-prior output=outputs/world/t2v-stage1 work_dir=outputs/world/t2v-stage1
+    gen3d world train-video-prior init_from=outputs/world/t2v-stage1 train_spatial=false steps=2000
     gen3d world train-video-prior steps=20 max_objects=2 output=/tmp/t2v work_dir=/tmp/t2v-work
     gen3d world train-video-prior rest_frame=true init_from=gen3d/shapes-t2v output=/tmp/i2v work_dir=/tmp/i2v-work
 """
@@ -57,8 +60,13 @@ class VideoPriorTrainConfig(PriorTrainConfig):
 
     output: str = str(EMBEDDED_T2V)
     work_dir: str = "outputs/world/train-video-prior"
-    steps: int = 1500
-    """Optimization steps (about 1.7 s each on one core at batch 4: 43 minutes)."""
+    steps: int = 4000
+    """Optimization steps (about 0.9 s each on one core at 16x16, batch 4: about an hour). At 1,500 steps the motion
+    words still made no difference (ratio 0.999, `benchmarks/bench_video_prior.py`); at 4,000 they do (0.90)."""
+    size: int = 16
+    """Clip size. 16x16 steps are 4x faster than 32x32 and learn as much per step, so that the thousands of steps
+    the motion words need fit in an hour; video SDS resizes a 4D run's renders to it (appearance comes from the
+    32x32 image prior)."""
     batch_size: int = 4
     """Clips per step."""
     lr: float = 5e-4
@@ -79,7 +87,7 @@ class VideoPriorTrainConfig(PriorTrainConfig):
     """α of PYoCo's mixed noise (`gen3d.priors.video.mixed_noise`: frames share part of their noise; 0: independent).
     With independent noise (and a time channel), after 500 steps sampled frames still chose their backgrounds each on
     its own and the motion words made no difference to the loss (ratio 0.999)."""
-    high_noise_weight_cap: float = 0.0
+    high_noise_weight_cap: float = 20.0
     """Where SNR < 1, weight the ε-loss by min(1/SNR, this) instead of 1: the x0 error with weight 1, as truncated-SNR
     weighting does (Salimans & Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models"). ε-prediction
     weights the x0 error by SNR, so the noisy steps where a clip's layout and motion are decided teach little

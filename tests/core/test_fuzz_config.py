@@ -72,7 +72,7 @@ def test_from_dict_of_any_yaml_values(system, data):
     assert cfg is None or isinstance(cfg, CLASSES[system])
 
 
-@settings(max_examples=60, **FUZZ)
+@settings(max_examples=120, **FUZZ)
 @given(st.sampled_from(sorted(PRESETS)), st.lists(st.tuples(st.sampled_from(KEYS), VALUE_TEXT), min_size=1,
                                                  max_size=4))
 def test_overrides_of_real_keys_with_any_values_and_round_trip(preset, overrides):

@@ -413,4 +413,3 @@ def _morton_code(cell: Tensor, bits: int = 5) -> Tensor:
         for axis in range(3):
             code |= ((cell[:, axis] >> b) & 1) << (3 * b + 2 - axis)
     return code
-

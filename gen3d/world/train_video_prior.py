@@ -162,10 +162,9 @@ class VideoPriorTrainer(PriorTrainer):
         temporal = [p for n, p in named if _is_temporal(n)]
         other = [p for n, p in named if not _is_temporal(n) and not any(p is q for q in first)]
         if not cfg.train_spatial:  # the image layers stay as init_from made them; the first convolution still learns
-            first_layer = [p for n, p in named if n.startswith("conv_in.")]
+            first_layer = {id(p) for p in self.unet.conv_in.parameters()}
             for p in other:
-                if not any(p is q for q in first_layer):
-                    p.requires_grad_(False)
+                p.requires_grad_(id(p) in first_layer)
             other = [p for p in other if p.requires_grad]
         groups = [{"params": other + list(self.text_encoder.parameters())},
                   {"params": temporal, "lr_scale": cfg.temporal_lr_scale}]

@@ -221,6 +221,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help=f"2 prompts, 2 seeds, {QUICK_STEPS} steps, 3D IoU on a 32^3 grid: a smoke test")
     parser.add_argument("--output-dir", help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--iou-resolution", type=int,
+                        help="voxels per side of the 3D IoU grid (default: 64, 32 with --quick)")
     parser.add_argument("--shard", default="1/1", help="K/N: run every N-th (method, prompt) pair starting at the "
                         "K-th, to split the work over processes (then --merge their outputs)")
     parser.add_argument("--merge", nargs="+", metavar="FILE", help="merge the JSON outputs of --shard runs and exit")
@@ -251,6 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(report, indent=2))
         return report
     overrides, prompts, seeds = list(args.override), list(args.prompts or SEEN), args.seeds
+    iou_resolution = args.iou_resolution or (32 if args.quick else 64)
     if args.quick:
         prompts, seeds = (args.prompts or SEEN)[:2], args.seeds[:2]
         overrides = [f"max_steps={QUICK_STEPS}", *overrides]
@@ -263,14 +266,15 @@ def main(argv: list[str] | None = None) -> dict:
         out_dir = Path(args.output_dir or tmp)
         for method, prompt in pairs:
             rows, group = run_group(method, prompt, seeds, [*overrides, *per_method[method]], out_dir, args.config,
-                                    log=sys.stderr, iou_resolution=32 if args.quick else 64)
+                                    log=sys.stderr, iou_resolution=iou_resolution)
             runs += rows
             groups.append(group)
             print(json.dumps(group), file=sys.stderr)
     report = {
         "benchmark": "guidance-text-to-3d", "config": args.config, "methods": args.methods, "seeds": seeds,
         "overrides": overrides, "method_overrides": per_method, "threads": torch.get_num_threads(),
-        "shard": args.shard, "runs": runs, "groups": groups, "summary": summarize(runs, groups),
+        "iou_resolution": iou_resolution, "shard": args.shard, "runs": runs, "groups": groups,
+        "summary": summarize(runs, groups),
     }
     print(json.dumps(report, indent=2))
     return report

@@ -119,7 +119,7 @@ def run(method: str, obj, image: Path, args, out_dir: Path) -> dict:
         system.fit()
         seconds, steps = time.perf_counter() - t0, cfg.max_steps
     query = system.query()
-    res = 32 if args.quick else 64  # the 3D IoU grid
+    res = args.iou_resolution or (32 if args.quick else 64)  # the 3D IoU grid
     extra = {}
     if args.mesh:
         from gen3d.world.metrics import ground_truth_mesh, mesh_distance
@@ -181,6 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--iou-resolution", type=int,
+                   help="voxels per side of the 3D IoU grid (default: 64, 32 with --quick)")
     p.add_argument("--quick", action="store_true", help="one object, 10 steps, 3D IoU on a 32^3 grid (a smoke test)")
     p.add_argument("--mesh", action="store_true", help="also score each result's extracted surface against the exact "
                                                       "one (Chamfer, normal consistency, F-score)")

@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "test of the script")
     parser.add_argument("--output-dir", help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--iou-resolution", type=int,
+                        help="voxels per side of the 3D IoU grid (default: 64, 32 with --quick)")
     parser.add_argument("--shard", default="1/1", help="K/N: run every N-th prompt starting at the K-th, to split "
                         "the list over parallel processes (merge their JSON with benchmarks/merge_shards.py)")
     args = parser.parse_args(argv)
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
         seen, held = args.prompts, []
     else:
         seen, held = SEEN, held_out_prompts()
-    iou_resolution = 32 if args.quick else 64
+    iou_resolution = args.iou_resolution or (32 if args.quick else 64)
     k, n = (int(x) for x in args.shard.split("/"))
     if not 1 <= k <= n:
         raise SystemExit(f"--shard must be K/N with 1 <= K <= N, got {args.shard}")
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
                 rows[group].append(row)
     report = {
         "benchmark": "shapes-text-to-3d", "config": args.config, "overrides": overrides,
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "iou_resolution": iou_resolution,
         "seen": rows["seen"], "held_out": rows["held_out"],
         "summary": {"seen": summarize(rows["seen"]), "held_out": summarize(rows["held_out"])},
     }

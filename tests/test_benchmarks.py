@@ -214,12 +214,13 @@ def test_bench_flow_quick(capsys):
 
 
 def test_bench_4d_quick(capsys, tmp_path):
-    # text_oracle is text-to-4D with the shipped video prior's exact-denoiser stand-in: the "text" kind's code path
-    report = load("bench_4d").main(["--quick", "--threads", "1", "--kinds", "video", "text_oracle",
+    # text_oracle_camera is text-to-4D with the shipped video prior's camera-aware exact-denoiser stand-in: the "text"
+    # kind's code path, and the text_oracle kind's with a window
+    report = load("bench_4d").main(["--quick", "--threads", "1", "--kinds", "video", "text_oracle_camera",
                                     "--figure", str(tmp_path / "4d.png")])
     assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(report))
     kinds = {r["kind"]: r for r in report["rows"]}
-    assert set(kinds) == {"video", "frozen_video", "text_oracle", "frozen_text_oracle"}
+    assert set(kinds) == {"video", "frozen_video", "text_oracle_camera", "frozen_text_oracle_camera"}
     for row in kinds.values():
         assert 0 <= row["iou_min"] <= row["iou_mean"] <= 1 and row["motion_error"] >= 0 and row["flicker"] >= 0
     # the frozen row's motion error is the true motion's own size: a bounce of 0.25 moves points 0.1-0.2 on average

@@ -39,7 +39,8 @@ class VideoSDSGuidance(SDSGuidance):
         if rgb.shape[0] != len(prompts):
             raise ValueError(f"VideoSDSGuidance: {rgb.shape[0]} clips but {len(prompts)} text conditions")
         z = self.prior.encode(rgb, generator=generator)
-        return self.guide(z, prompts, step, max_steps, generator, cameras)
+        with self.prior.seen_from(cameras):
+            return self.guide(z, prompts, step, max_steps, generator, cameras)
 
     def noise(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """The noise the video model was trained with (frames partly shared, `gen3d.priors.video.mixed_noise`)."""

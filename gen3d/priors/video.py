@@ -52,6 +52,8 @@ class VideoDiffusionPrior(DiffusionPrior):
         """The UNet also takes the object at rest (`with_rest_channels`; from `train-video-prior rest_frame=true`)."""
         self.extra_channels = extra if self.time_channel else 0
         self.rest: Tensor | None = None
+        self.cameras = None
+        """The clips' cameras within `seen_from` (None outside)."""
         super().__init__(unet, scheduler, text_encoder, tokenizer, vae, **kwargs)
         self.num_frames = int(num_frames or DEFAULT_FRAMES)
         self.noise_correlation = 0.0
@@ -101,6 +103,17 @@ class VideoDiffusionPrior(DiffusionPrior):
             yield self
         finally:
             self.rest = previous
+
+    @contextmanager
+    def seen_from(self, cameras):
+        """Within: the clips are seen from `cameras` (a `Cameras` of one camera per clip; video SDS sets it). The
+        learned priors (the embedded one, hub text-to-video models) take no camera and ignore it;
+        `gen3d.world.oracle.ExactVideoDenoiser` with an `azimuth_window` uses it."""
+        previous, self.cameras = self.cameras, cameras
+        try:
+            yield self
+        finally:
+            self.cameras = previous
 
     def unet_eps(self, x_t: Tensor, t: Tensor, text: Tensor) -> Tensor:
         """One UNet call as epsilon on clips x_t ``[N, C, F, h, w]``; a UNet with a time channel gets it appended,

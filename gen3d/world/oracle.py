@@ -16,6 +16,11 @@ with this denoiser: conditioned on "<object>, <motion>" over that motion's true 
 motions' clips. It knows each motion exactly, so it is the ceiling of what video SDS can draw from a video prior:
 `benchmarks/bench_4d.py --kinds text_oracle` runs text-to-4D with it to measure the dynamic stage apart from the
 learned prior (README, 4D). It renders ground truth, so it is a measuring instrument, not a generator.
+
+It ignores the camera (the learned priors know it only through the view words), so its estimate mixes the clips of
+every camera that fits: where a motion's direction on screen depends on the camera (a swing seen from the left or
+the right side) the mix cancels it. With ``azimuth_window=w`` each clip is denoised over the true clips whose camera
+azimuth is within w degrees of its own (`VideoDiffusionPrior.seen_from`), the ceiling of a camera-conditioned prior.
 """
 
 from __future__ import annotations
@@ -31,9 +36,12 @@ from gen3d.priors.video import VideoDiffusionPrior
 
 class ExactVideoDenoiser(VideoDiffusionPrior):
     """`prior`'s interface; UNet calls answered by the exact denoiser of ``clips[prompt]`` (``[K, 3, F, h, w]`` in
-    [-1, 1] at the prior's resolution; the prompt "" is the unconditional set)."""
+    [-1, 1] at the prior's resolution; the prompt "" is the unconditional set). With `azimuth_window` (degrees) and
+    `azimuths` (``{prompt: [K]}``, each clip's camera azimuth; `true_clips(..., return_azimuths=True)`), a clip seen
+    from a camera (`seen_from`) is denoised over the clips within the window of its azimuth only."""
 
-    def __init__(self, prior: VideoDiffusionPrior, clips: dict[str, Tensor]) -> None:
+    def __init__(self, prior: VideoDiffusionPrior, clips: dict[str, Tensor],
+                 azimuths: dict[str, Tensor] | None = None, azimuth_window: float | None = None) -> None:
         super().__init__(prior.unet, prior.scheduler, prior.text_encoder, prior.tokenizer, prior.vae,
                          num_frames=prior.num_frames, model_name=f"exact:{prior.model_name}", device=prior.device,
                          dtype=prior.dtype)
@@ -49,23 +57,44 @@ class ExactVideoDenoiser(VideoDiffusionPrior):
         self.num_frames = frames
         self.prompts = list(clips)
         self.clip_sets = [clips[p].float().to(self.device) for p in self.prompts]
+        self.azimuth_window = azimuth_window
+        if azimuth_window is not None:
+            if not 0 < azimuth_window <= 180:
+                raise ValueError(f"ExactVideoDenoiser: azimuth_window must be in (0, 180] degrees, got {azimuth_window}")
+            if azimuths is None or set(azimuths) != set(clips) or any(
+                    azimuths[p].shape != (len(clips[p]),) for p in clips):
+                raise ValueError("ExactVideoDenoiser: azimuth_window needs azimuths {prompt: [K]}, one per clip of "
+                                 "every prompt (true_clips(..., return_azimuths=True))")
+            self.azimuth_sets = [azimuths[p].float().to(self.device) for p in self.prompts]
         variants = [(p, i) for i, p in enumerate(self.prompts)]
         variants += [(f"{p}, {d} view", i) for i, p in enumerate(self.prompts) if p for d in DIRECTIONS]
         self.keys = self.encode_text([v for v, _ in variants]).float()  # [prompts and their view variants, L, D]
         self.key_sets = [i for _, i in variants]
 
-    def clip_set(self, text: Tensor) -> Tensor:
-        """The clips of the prompt (with or without a view suffix) that `text` ``[L, D]`` encodes."""
+    def clip_set(self, text: Tensor, azimuth: float | None = None) -> Tensor:
+        """The clips of the prompt (with or without a view suffix) that `text` ``[L, D]`` encodes; with an
+        `azimuth_window` and a camera `azimuth` (degrees), only those seen from within the window."""
         d = (self.keys - text.float()).square().flatten(1).sum(1)
         if float(d.min()) > 1e-6 * float(self.keys.square().sum() / len(self.keys)):
             raise ValueError(f"ExactVideoDenoiser knows only the prompts {self.prompts} (and their view variants); "
                              f"it was asked about another one")
-        return self.clip_sets[self.key_sets[int(d.argmin())]]
+        i = self.key_sets[int(d.argmin())]
+        if self.azimuth_window is None or azimuth is None:
+            return self.clip_sets[i]
+        near = ((self.azimuth_sets[i] - azimuth + 180) % 360 - 180).abs() <= self.azimuth_window
+        if not near.any():
+            raise ValueError(f"ExactVideoDenoiser: no clip of {self.prompts[i]!r} within {self.azimuth_window} "
+                             f"degrees of azimuth {azimuth:.1f}; give more views or a wider azimuth_window")
+        return self.clip_sets[i][near]
 
     def unet_eps(self, x_t: Tensor, t: Tensor, text: Tensor) -> Tensor:
+        cams = self.cameras
+        if cams is not None and len(x_t) % len(cams):
+            raise ValueError(f"ExactVideoDenoiser: {len(x_t)} clips for {len(cams)} cameras")
         out = []
-        for x, step, emb in zip(x_t.float(), t, text):
-            data = self.clip_set(emb)  # [K, C, F, h, w]
+        for n, (x, step, emb) in enumerate(zip(x_t.float(), t, text)):
+            azimuth = None if cams is None else float(cams.azimuth[n % len(cams)])  # the CFG batch repeats the clips
+            data = self.clip_set(emb, azimuth)  # [K, C, F, h, w]
             abar = self.alphas_cumprod[int(step)].float()
             d2 = mixed_noise_distance(x[None] - abar.sqrt() * data, self.noise_correlation)
             w = torch.softmax(-d2 / (2 * (1 - abar)), 0)
@@ -85,10 +114,10 @@ def mixed_noise_distance(r: Tensor, alpha: float) -> Tensor:
 
 
 def true_clips(prompt: str, orbit, views: int, frames: int, size: int, generator: torch.Generator | None = None,
-               supersample: int = 2) -> dict[str, Tensor]:
+               supersample: int = 2, return_azimuths: bool = False):
     """``{"<prompt>, <verb>": clips [2 views, 3, F, size, size]}`` in [-1, 1]: the world object `prompt` under each
     motion, from `views` cameras drawn from `orbit` (a `CameraConfig`), each on black and on white; and ``""``: all of
-    them."""
+    them. With `return_azimuths`, also ``{prompt: [K]}``: the azimuth (degrees) of each clip's camera."""
     from gen3d.cameras import sample_orbit
     from gen3d.world.animation import MOTIONS, VERBS, AnimatedObject
     from gen3d.world.catalog import parse_prompt
@@ -107,4 +136,7 @@ def true_clips(prompt: str, orbit, views: int, frames: int, size: int, generator
         a = torch.stack([o.alpha for o in renders], 2).permute(0, 4, 2, 1, 3)
         out[f"{prompt}, {VERBS[motion]}"] = torch.cat([premult, premult + 1 - a]) * 2 - 1
     out[""] = torch.cat(list(out.values()))
-    return out
+    if not return_azimuths:
+        return out
+    azimuths = {p: cams.azimuth.float().repeat(len(x) // views) for p, x in out.items()}
+    return out, azimuths

@@ -75,6 +75,53 @@ def test_bad_input(oracle, t2v):
         true_clips("a teapot", TRAIN_ORBIT, 2, 4, 32)
 
 
+def test_azimuth_window_denoises_over_the_clips_near_the_camera(t2v):
+    """Seen from a camera (`seen_from`), the camera-aware oracle answers as the plain oracle of only the clips whose
+    camera is within the window of that camera's azimuth; video SDS passes its cameras on; outside, all clips."""
+    from gen3d.cameras import orbit_cameras
+    from gen3d.guidance import GuidanceConfig
+    from gen3d.guidance.video import VideoSDSGuidance
+    from gen3d.priors.prompts import PromptConfig, PromptProcessor
+
+    clips, azimuths = true_clips("a red mug", TRAIN_ORBIT, 12, 4, t2v.resolution, torch.Generator().manual_seed(0),
+                                 return_azimuths=True)
+    assert all(azimuths[p].shape == (len(x),) for p, x in clips.items())
+    assert torch.equal(azimuths[""][:12], azimuths["a red mug, bouncing"][:12])  # on black, then on white
+    window = ExactVideoDenoiser(t2v, clips, azimuths, azimuth_window=40.0)
+    cams = orbit_cameras(2, width=16, height=16, start_azimuth=10.0)  # azimuths 10 and -170
+    near = [((azimuths[p] - cams.azimuth[:, None] + 180) % 360 - 180).abs() <= 40 for p in clips]  # [prompt][2, K]
+    assert all(0 < int(m.sum()) < m.numel() // 2 for m in near)
+    text = window.encode_text(["a red mug, bouncing", ""])
+    x_t = torch.randn(2, 3, 4, t2v.resolution, t2v.resolution, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([700, 700])
+    for c in range(2):  # clip c seen from camera c, under the prompt and unconditioned
+        with window.seen_from(cams[c:c + 1]):
+            got = window.unet_eps(x_t, t, text)
+        for j, prompt in enumerate(["a red mug, bouncing", ""]):
+            sub = {q: clips[q][near[list(clips).index(q)][c]] for q in ("", prompt)}
+            want = ExactVideoDenoiser(t2v, sub).unet_eps(x_t[j:j + 1], t[j:j + 1], text[j:j + 1])
+            assert torch.allclose(got[j:j + 1], want, atol=1e-5)
+    assert window.cameras is None
+    plain = ExactVideoDenoiser(t2v, clips).unet_eps(x_t, t, text)
+    assert torch.allclose(window.unet_eps(x_t, t, text), plain)  # no camera: every clip
+    # video SDS hands its cameras to the prior: the camera-aware oracle's gradient is the window's
+    guidance = VideoSDSGuidance(window, GuidanceConfig(guidance_scale=1.0))
+    prompts = PromptProcessor(window, PromptConfig(prompt="a red mug, bouncing", view_dependent=False))
+    rgb = torch.rand(1, 4, 16, 16, 3)
+    outs = [guidance(rgb, prompts(cams[c:c + 1]), 0, 10, generator=torch.Generator().manual_seed(2),
+                     cameras=cams[c:c + 1]).grad for c in range(2)]
+    blind = guidance(rgb, prompts(cams[:1]), 0, 10, generator=torch.Generator().manual_seed(2)).grad
+    assert not torch.allclose(outs[0], outs[1]) and not torch.allclose(outs[0], blind)
+    with pytest.raises(ValueError, match="azimuth_window must be in"):
+        ExactVideoDenoiser(t2v, clips, azimuths, azimuth_window=0.0)
+    with pytest.raises(ValueError, match="needs azimuths"):
+        ExactVideoDenoiser(t2v, clips, azimuth_window=30.0)
+    with pytest.raises(ValueError, match="no clip of"):
+        narrow = ExactVideoDenoiser(t2v, clips, azimuths, azimuth_window=0.01)
+        with narrow.seen_from(cams[:1]):
+            narrow.unet_eps(x_t[:1], t[:1], text[:1])
+
+
 @pytest.mark.parametrize("motion, rises", [("bouncing", True), ("spinning", False)])
 def test_text_to_4d_draws_the_motion_from_a_prior_that_knows_it(tmp_path, motion, rises):
     """The dynamic stage turns a video prior's knowledge into motion: with the exact denoiser of the mug's true clips

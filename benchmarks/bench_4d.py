@@ -83,8 +83,9 @@ def front_clip(render_at, size: int = 64, frames: int = 8):
 
 
 def run_case(kind: str, prompt: str, motion: str, overrides: list[str], out_dir: Path,
-             iou_resolution: int = 48) -> tuple[dict, dict, torch.Tensor]:
-    """One run: its scores, those of its frozen static stage, and its clip from the front (for the figure)."""
+             iou_resolution: int = 48, oracle_views: int = 128) -> tuple[dict, dict, torch.Tensor]:
+    """One run: its scores, those of its frozen static stage, and its clip from the front (for the figure). The oracle
+    kinds render the true clips from `oracle_views` cameras (twice as many for `text_oracle_camera`)."""
     from gen3d.cli import load_run_config
     from gen3d.runs import new_run_dir
     from gen3d.systems.base import write_config
@@ -111,7 +112,7 @@ def run_case(kind: str, prompt: str, motion: str, overrides: list[str], out_dir:
 
         system.ensure_training()
         camera = kind == "text_oracle_camera"
-        truth, azimuths = true_clips(prompt, cfg.cameras, 256 if camera else 128, cfg.frames,
+        truth, azimuths = true_clips(prompt, cfg.cameras, oracle_views * (2 if camera else 1), cfg.frames,
                                      system.video_prior.resolution, torch.Generator().manual_seed(cfg.seed),
                                      return_azimuths=True)
         oracle = ExactVideoDenoiser(system.video_prior, truth, azimuths, azimuth_window=30.0 if camera else None)
@@ -148,9 +149,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--objects", nargs="*", help="these objects (\"a red sphere\") under every chosen motion, in "
                         "place of the four default cases")
     parser.add_argument("--override", nargs="*", default=[], help="config overrides for every run")
-    parser.add_argument("--quick", action="store_true", help="one object, 12 steps, IoU on a 24^3 grid: a smoke test "
-                        "of the script")
-    parser.add_argument("--iou-resolution", type=int, default=48, help="voxels per side of the per-frame IoU grid")
+    parser.add_argument("--quick", action="store_true", help="one object, 12 steps, IoU on a 24^3 grid, 16 oracle "
+                        "cameras: a smoke test of the script")
+    parser.add_argument("--iou-resolution", type=int,
+                        help="voxels per side of the per-frame IoU grid (default: 48, 24 with --quick)")
     parser.add_argument("--output-dir", help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--figure", help="PNG of every run's clip from the front, each object's true clip below them")
@@ -164,14 +166,15 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         cases = cases[:1]
         overrides = ["max_steps=12", "static_steps=8", "frames=4", *overrides]
-        args.iou_resolution = 24
+    args.iou_resolution = args.iou_resolution or (24 if args.quick else 48)
     rows, clips = [], []
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(args.output_dir or tmp)
         out_dir.mkdir(parents=True, exist_ok=True)
         for prompt, motion in cases:
             for kind in args.kinds:
-                row, still, clip = run_case(kind, prompt, motion, overrides, out_dir, args.iou_resolution)
+                row, still, clip = run_case(kind, prompt, motion, overrides, out_dir, args.iou_resolution,
+                                            oracle_views=16 if args.quick else 128)
                 print(json.dumps(row), json.dumps(still), file=sys.stderr)
                 rows += [row, still]
                 clips.append(clip)

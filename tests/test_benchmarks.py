@@ -217,7 +217,7 @@ def test_bench_4d_quick(capsys, tmp_path):
     # text_oracle_camera is text-to-4D with the shipped video prior's camera-aware exact-denoiser stand-in: the "text"
     # kind's code path, and the text_oracle kind's with a window
     report = load("bench_4d").main(["--quick", "--threads", "1", "--kinds", "video", "text_oracle_camera",
-                                    "--figure", str(tmp_path / "4d.png")])
+                                    "--iou-resolution", "16", "--figure", str(tmp_path / "4d.png")])
     assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(report))
     kinds = {r["kind"]: r for r in report["rows"]}
     assert set(kinds) == {"video", "frozen_video", "text_oracle_camera", "frozen_text_oracle_camera"}
@@ -226,7 +226,7 @@ def test_bench_4d_quick(capsys, tmp_path):
     # the frozen row's motion error is the true motion's own size: a bounce of 0.25 moves points 0.1-0.2 on average
     assert 0.05 < kinds["frozen_video"]["motion_error"] < 0.25
     assert (tmp_path / "4d.png").stat().st_size > 0
-    assert report["summary"]["video"]["n"] == 1
+    assert report["summary"]["video"]["n"] == 1 and report["iou_resolution"] == 16
 
 
 def test_bench_video_prior_quick(capsys):

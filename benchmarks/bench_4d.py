@@ -124,7 +124,8 @@ def run_case(kind: str, prompt: str, motion: str, overrides: list[str], out_dir:
         row = {"kind": kind, "object": prompt, "motion": motion, "seconds": round(seconds, 1),
                "n_gaussians": system.model.num_gaussians, **_rounded(evaluate(system, animated, iou_resolution))}
         frozen(system)
-        still = {"kind": f"frozen_{kind}", "object": prompt, "motion": motion, **_rounded(evaluate(system, animated, iou_resolution))}
+        still = {"kind": f"frozen_{kind}", "object": prompt, "motion": motion,
+                 **_rounded(evaluate(system, animated, iou_resolution))}
     return row, still, clip
 
 

@@ -131,7 +131,8 @@ def run(method: str, obj, image: Path, args, out_dir: Path) -> dict:
         with torch.no_grad():
             FIGURE.setdefault(str(obj), {})[method] = query.render(figure_cameras()).rgb.clamp(0, 1).cpu()
     return {"method": method, "object": str(obj), "seconds": round(seconds, 3 if steps == 0 else 1), "steps": steps,
-            "iou_3d_aligned": round(float(iou_3d(query, obj, resolution=res, normalize=False, best_over_azimuth=False)), 4),
+            "iou_3d_aligned": round(float(iou_3d(query, obj, resolution=res, normalize=False,
+                                                 best_over_azimuth=False)), 4),
             "iou_3d_normalized": round(float(iou_3d(query, obj, resolution=res)), 4),
             **{k: round(v, 4) for k, v in image_scores(query, obj, args.eval_size).items()}, **extra}
 

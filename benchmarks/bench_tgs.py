@@ -80,7 +80,8 @@ def novel_cameras(azimuth: float, size: int):
     return spherical_cameras(az, el, torch.full((n,), DISTANCE), torch.full((n,), FOVY), size, size)
 
 
-def score(model, obj, azimuth: float, surface: torch.Tensor, eval_size: int, iou_resolution: int = 64) -> dict[str, float]:
+def score(model, obj, azimuth: float, surface: torch.Tensor, eval_size: int,
+          iou_resolution: int = 64) -> dict[str, float]:
     query = GaussianQuery(model)
     cams = novel_cameras(azimuth, eval_size)
     psnr, ssim = psnr_ssim(query, obj, cams)
@@ -101,8 +102,9 @@ def sweep(net, objects, azimuths, eval_size: int, split: str, iou_resolution: in
         for az in azimuths:
             rgb, mask = view(obj, az)
             model, seconds = reconstruct(net, rgb, mask, camera(az))
+            scores = score(model, obj, az, surface, eval_size, iou_resolution)
             rows.append({"split": split, "object": str(obj), "azimuth": az, "seconds": seconds,
-                         **{k: round(v, 4) for k, v in score(model, obj, az, surface, eval_size, iou_resolution).items()}})
+                         **{k: round(v, 4) for k, v in scores.items()}})
             print(json.dumps(rows[-1]), file=sys.stderr)
     return rows
 
@@ -202,19 +204,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=20, help="timed forward passes per thread count")
     p.add_argument("--reference-steps", type=int, default=400, help="steps of the optimization recipe timed")
     p.add_argument("--threads", type=int, default=2, help="torch threads for everything but the latency sweep")
-    p.add_argument("--iou-resolution", type=int, default=64, help="voxels per side of the 3D IoU grid")
+    p.add_argument("--iou-resolution", type=int,
+                   help="voxels per side of the 3D IoU grid (default: 64, 32 with --quick)")
     p.add_argument("--quick", action="store_true", help="one object, two views, 3 repeats, a 5-step reference, "
                    "3D IoU on a 32^3 grid")
     args = p.parse_args(argv)
     if args.quick:
         args.azimuths, args.train_objects, args.eval_size, args.repeats, args.reference_steps = 2, 1, 32, 3, 5
-        args.iou_resolution = 32
     torch.set_num_threads(args.threads)
     net = load_tgs(args.model)
     azimuths = [360.0 * k / args.azimuths for k in range(args.azimuths)]
     held = held_out_objects()[:1] if args.quick else held_out_objects()
     train = training_objects()[:: max(1, len(training_objects()) // max(1, args.train_objects))][:args.train_objects]
-    res = args.iou_resolution
+    res = args.iou_resolution = args.iou_resolution or (32 if args.quick else 64)
     rows = sweep(net, held, azimuths, args.eval_size, "held_out", res) + sweep(net, train, azimuths, args.eval_size,
                                                                               "train", res)
     with tempfile.TemporaryDirectory() as tmp:

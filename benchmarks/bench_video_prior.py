@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prior", default="gen3d/shapes-t2v")
     parser.add_argument("--compare", nargs="*", default=[], help="other priors to score on the same clips")
     parser.add_argument("--objects", type=int, default=8, help="seen objects (every 19th training object)")
-    parser.add_argument("--quick", action="store_true", help="1 object, no held-out ones, t in {400, 850}: a smoke test")
+    parser.add_argument("--quick", action="store_true",
+                        help="1 object, no held-out ones, t in {400, 850}: a smoke test")
     parser.add_argument("--figure", help="write sampled clips (one row per prompt) to this PNG")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
@@ -146,7 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
         data, info, rest = clips(pairs, prior.num_frames, prior.resolution, seed=1000)
         report[name] = {"clips": len(data), "trained": ratios(prior, data, info, rest, timesteps=timesteps),
                         "untrained_inflation": ratios(base, data, info, timesteps=timesteps),
-                        **{path: ratios(other, data, info, rest, timesteps=timesteps) for path, other in compared.items()}}
+                        **{path: ratios(other, data, info, rest, timesteps=timesteps)
+                           for path, other in compared.items()}}
         if prior.rest_frame:  # the same prior shown no image: the text-to-video model it also is
             report[name]["trained_without_image"] = ratios(prior, data, info, timesteps=timesteps)
         print(json.dumps({name: report[name]}), file=sys.stderr)

@@ -106,6 +106,11 @@ def intrinsics(fovy_deg: Tensor, width: int, height: int) -> Tensor:
     return K
 
 
+def wrap_azimuth(azimuth: Tensor) -> Tensor:
+    """Azimuths in degrees wrapped to [-180, 180) (differences too: the signed angle from one azimuth to another)."""
+    return torch.remainder(azimuth.float() + 180.0, 360.0) - 180.0
+
+
 def spherical_cameras(
     azimuth: Tensor, elevation: Tensor, distance: Tensor, fovy: Tensor, width: int, height: int
 ) -> Cameras:
@@ -184,6 +189,6 @@ def orbit_cameras(n: int, elevation: float = 15.0, distance: float = 2.75, fovy:
                   width: int = 128, height: int = 128, start_azimuth: float = 0.0) -> Cameras:
     """`n` fixed cameras evenly spaced in azimuth, starting at the front (for validation and turntables)."""
     azimuth = start_azimuth + torch.arange(n, dtype=torch.float32) * 360.0 / n
-    azimuth = (azimuth + 180.0) % 360.0 - 180.0
+    azimuth = wrap_azimuth(azimuth)
     full = lambda v: torch.full((n,), float(v))  # noqa: E731
     return spherical_cameras(azimuth, full(elevation), full(distance), full(fovy), width, height)

@@ -450,7 +450,8 @@ class DiffusionPrior:
                 heads, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
             )
             for prompt, head, used in zip(missing, heads, tokens.attention_mask.sum(1).tolist()):
-                if used >= max_length and len(self.tokenizer(head, truncation=True, max_length=max_length + 1).input_ids) > max_length:
+                if used >= max_length and len(
+                        self.tokenizer(head, truncation=True, max_length=max_length + 1).input_ids) > max_length:
                     _log.warning(f"warning: the prompt {prompt[:60]!r}{'...' if len(prompt) > 60 else ''} is longer "
                                  f"than the {max_length} tokens {self.model_name} reads; the rest is ignored")
             config = self.text_encoder.config

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import Tensor
 
+from gen3d.cameras import wrap_azimuth
 from gen3d.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -42,11 +43,6 @@ PERP_NEG_F_FSB = (1.0, 0.5, 0.967)  # front prompt as a negative while interpola
 class _HasViewAngles(Protocol):
     azimuth: Tensor  # [B] degrees
     elevation: Tensor  # [B] degrees
-
-
-def _wrap_azimuth(azimuth: Tensor) -> Tensor:
-    """Azimuth in degrees wrapped to [-180, 180)."""
-    return torch.remainder(azimuth.float() + 180.0, 360.0) - 180.0
 
 
 def view_directions(
@@ -67,7 +63,7 @@ def view_directions(
             f"view_directions: azimuth and elevation must both be [B], "
             f"got {tuple(azimuth.shape)} and {tuple(elevation.shape)}"
         )
-    a = _wrap_azimuth(azimuth).abs().tolist()
+    a = wrap_azimuth(azimuth).abs().tolist()
     e = elevation.float().tolist()
     out = []
     for a_i, e_i in zip(a, e):
@@ -163,7 +159,7 @@ class PromptProcessor:
     def _perp_neg(self, cameras: _HasViewAngles, directions: list[str], uncond: Tensor, plain: Tensor) -> PromptBatch:
         """Interpolated positives and weighted negatives, per camera (ALGORITHMS.md §1, Perp-Neg)."""
         E = {d: e.float() for d, e in self.view_embeddings.items()}
-        a = _wrap_azimuth(cameras.azimuth).abs().tolist()
+        a = wrap_azimuth(cameras.azimuth).abs().tolist()
         pos, neg, weights = [], [], []
         for a_i, d in zip(a, directions):
             if d == "overhead":

@@ -30,7 +30,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from gen3d.cameras import Cameras, spherical_cameras
+from gen3d.cameras import Cameras, spherical_cameras, wrap_azimuth
 from gen3d.priors.prompts import view_directions
 from gen3d.rendering.types import RenderOutput
 from gen3d.world.catalog import SHAPES, WorldObject, parse_prompt
@@ -244,7 +244,7 @@ def eval_cameras(size: int = 64, azimuths: int = 8, elevations: Sequence[float] 
                  distance: float = 2.75, fovy: float = 45.0) -> Cameras:
     """The fixed metric views: `azimuths` evenly spaced from the front, at each elevation."""
     az = torch.arange(azimuths, dtype=torch.float32) * 360.0 / azimuths
-    az = (az + 180.0) % 360.0 - 180.0
+    az = wrap_azimuth(az)
     el = torch.tensor(list(elevations), dtype=torch.float32)
     A, E = az.repeat(len(el)), el.repeat_interleave(azimuths)
     n = len(A)
@@ -256,7 +256,7 @@ def rotate_cameras(cameras: Cameras, degrees: float) -> Cameras:
     c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
     R = torch.eye(4, dtype=cameras.c2w.dtype, device=cameras.device)
     R[:2, :2] = torch.tensor([[c, -s], [s, c]])
-    az = (cameras.azimuth + degrees + 180.0) % 360.0 - 180.0
+    az = wrap_azimuth(cameras.azimuth + degrees)
     return replace(cameras, c2w=R @ cameras.c2w, azimuth=az)
 
 
@@ -379,7 +379,7 @@ class SampleAgreement:
 def _reference_views(size_h: int, size_w: int) -> Cameras:
     """Ground-truth views for `sample_agreement`: 12 azimuths x 3 elevations x 2 distances."""
     az = torch.arange(12, dtype=torch.float32) * 30.0
-    az = (az + 180.0) % 360.0 - 180.0
+    az = wrap_azimuth(az)
     grid = torch.cartesian_prod(az, torch.tensor([0.0, 20.0, 40.0]), torch.tensor([2.5, 3.0]))
     n = len(grid)
     return spherical_cameras(grid[:, 0], grid[:, 1], grid[:, 2], torch.full((n,), 45.0), size_w, size_h)

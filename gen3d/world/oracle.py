@@ -30,6 +30,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
+from gen3d.cameras import wrap_azimuth
 from gen3d.priors.prompts import DIRECTIONS
 from gen3d.priors.video import VideoDiffusionPrior
 
@@ -60,7 +61,8 @@ class ExactVideoDenoiser(VideoDiffusionPrior):
         self.azimuth_window = azimuth_window
         if azimuth_window is not None:
             if not 0 < azimuth_window <= 180:
-                raise ValueError(f"ExactVideoDenoiser: azimuth_window must be in (0, 180] degrees, got {azimuth_window}")
+                raise ValueError(f"ExactVideoDenoiser: azimuth_window must be in (0, 180] degrees, got "
+                                 f"{azimuth_window}")
             if azimuths is None or set(azimuths) != set(clips) or any(
                     azimuths[p].shape != (len(clips[p]),) for p in clips):
                 raise ValueError("ExactVideoDenoiser: azimuth_window needs azimuths {prompt: [K]}, one per clip of "
@@ -81,7 +83,7 @@ class ExactVideoDenoiser(VideoDiffusionPrior):
         i = self.key_sets[int(d.argmin())]
         if self.azimuth_window is None or azimuth is None:
             return self.clip_sets[i]
-        near = ((self.azimuth_sets[i] - azimuth + 180) % 360 - 180).abs() <= self.azimuth_window
+        near = wrap_azimuth(self.azimuth_sets[i] - azimuth).abs() <= self.azimuth_window
         if not near.any():
             raise ValueError(f"ExactVideoDenoiser: no clip of {self.prompts[i]!r} within {self.azimuth_window} "
                              f"degrees of azimuth {azimuth:.1f}; give more views or a wider azimuth_window")
